@@ -1,0 +1,6 @@
+"""DeepSeek-V3 in pure PyTorch: config, model, HF checkpoint interop."""
+
+from models.config import PRESETS, DeepSeekV3Config
+from models.model import DeepSeekV3, DeepSeekV3Output
+
+__all__ = ["PRESETS", "DeepSeekV3", "DeepSeekV3Config", "DeepSeekV3Output"]

@@ -1,0 +1,206 @@
+"""DeepSeek-V3: embedding -> [RMSNorm -> MLA -> RMSNorm -> MLP | MoE] x L -> RMSNorm -> head, plus MTP modules.
+
+Shapes: B batch, S sequence, D model dim, V vocabulary, k MTP depth (1..num_nextn_predict_layers).
+Pure PyTorch: parallelism is applied from outside (``models/parallel``), never read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import MLA, RMSNorm
+from models.config import DeepSeekV3Config
+from models.moe import MLP, MoE
+from models.rope import rope_freqs_cis
+
+
+@dataclass
+class DeepSeekV3Output:
+    """What a forward returns.
+
+    Attributes:
+        logits: (B, S, V) next-token logits (None when the caller asked for the loss only).
+        loss: total training loss = ce_loss + mtp_loss_weight * mtp_loss + balance_loss (when labels given).
+        ce_loss: next-token cross-entropy.
+        mtp_loss: mean cross-entropy of the MTP depths (None without MTP).
+        balance_loss: sum over MoE layers of the sequence-wise balance loss (None when off or in eval).
+        mtp_logits: per depth k, (B, S-k, V) logits for token t+k+1 (when logits are returned).
+    """
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + MLA(norm(h)), then + FFN(norm(.)); FFN is a dense MLP or DeepSeekMoE."""
+
+    def __init__(self, layer_id: int, config: DeepSeekV3Config) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MLA(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, S, D) -> (B, S, D), and this block's balance loss (None for dense blocks or when off)."""
+        h = h + self.attn(self.attn_norm(h), cos, sin)
+        if isinstance(self.ffn, MoE):
+            out, aux = self.ffn(self.ffn_norm(h))
+            return h + out, aux
+        return h + self.ffn(self.ffn_norm(h)), None
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth, eq. (21)-(22) of the report; shares embedding and head with the model.
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i^{k-1})]), then one Block, then its own final RMSNorm
+    before the shared head. The concatenation puts the embedding first, as DeepSeek's released MTP
+    weights expect.
+    """
+
+    def __init__(self, layer_id: int, config: DeepSeekV3Config) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(layer_id, config)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(
+        self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, S', D) previous depth's states, emb (B, S', D) embeddings of the tokens k ahead -> (B, S', D)."""
+        h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
+        return self.block(h, cos, sin)
+
+
+class DeepSeekV3(nn.Module):
+    """The DeepSeek-V3 language model.
+
+    Build on the meta device for large configs, then ``to_empty`` + ``init_weights()`` (or let FSDP
+    materialise shards): ``__init__`` allocates nothing that ``init_weights`` does not overwrite.
+    """
+
+    def __init__(self, config: DeepSeekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(i, config) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(
+            MTPModule(config.num_hidden_layers + k, config) for k in range(config.num_nextn_predict_layers)
+        )
+        # complex64, so that casting the model to bf16 leaves the RoPE tables in full precision.
+        self.register_buffer("freqs_cis", rope_freqs_cis(config), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Normal(0, init_std) weights (the report's 0.006), unit norms, zero expert biases and counts, RoPE table.
+
+        Args:
+            buffer_device: Where to build the RoPE table (default: where it is now).
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                module.reset_parameters(std)
+        self.freqs_cis = rope_freqs_cis(self.config, buffer_device or self.freqs_cis.device)
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE module, main blocks first, then MTP blocks."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def _rope(self, seqlen: int, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if start_pos + seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start_pos + seqlen} positions exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; raise it in the model config"
+            )
+        freqs = self.freqs_cis[start_pos : start_pos + seqlen]
+        return freqs.real, freqs.imag
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
+    ) -> DeepSeekV3Output:
+        """Run the model.
+
+        Args:
+            input_ids: (B, S) token ids.
+            labels: (B, S) next-token targets (input_ids shifted by one); -100 is ignored. With labels the
+                output carries the losses, and the MTP depths are run.
+            return_logits: Return the (B, S, V) logits; set False to save memory when only the loss is needed.
+
+        Returns:
+            DeepSeekV3Output.
+        """
+        cos, sin = self._rope(input_ids.shape[1])
+        h = self.embed(input_ids)  # (B, S, D)
+        aux_losses = []
+        for layer in self.layers:
+            h, aux = layer(h, cos, sin)
+            if aux is not None:
+                aux_losses.append(aux)
+        logits = self.head(self.norm(h))  # (B, S, V)
+        out = DeepSeekV3Output(logits=logits if return_logits else None)
+        if labels is None:
+            return out
+        out.ce_loss = _cross_entropy(logits, labels)
+        out.loss = out.ce_loss
+        if len(self.mtp) > 0:
+            mtp_losses = self._mtp_forward(h, input_ids, labels, cos, sin, aux_losses, out, return_logits)
+            out.mtp_loss = torch.stack(mtp_losses).mean()
+            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+        if aux_losses:
+            out.balance_loss = torch.stack(aux_losses).sum()
+            out.loss = out.loss + out.balance_loss
+        return out
+
+    def _mtp_forward(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        aux_losses: list[torch.Tensor],
+        out: DeepSeekV3Output,
+        return_logits: bool,
+    ) -> list[torch.Tensor]:
+        """Depth k predicts labels[:, k:] (token t+k+1) from depth k-1's states and the embedding of t+k."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            seqlen = input_ids.shape[1] - k
+            if seqlen <= 0:
+                raise ValueError(f"sequence length {input_ids.shape[1]} too short for MTP depth {k}")
+            h, aux = module(h[:, :seqlen], self.embed(input_ids[:, k:]), cos[:seqlen], sin[:seqlen])
+            if aux is not None:
+                aux_losses.append(aux)
+            logits = self.head(module.norm(h))  # (B, S-k, V)
+            losses.append(_cross_entropy(logits, labels[:, k:]))
+            if return_logits:
+                out.mtp_logits.append(logits)
+        return losses
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

@@ -1,0 +1,203 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, sigmoid gate with group-limited top-k.
+
+Shapes: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K experts per token,
+G groups, F expert hidden dim, TK = T*K routed (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import DeepSeekV3Config
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router of section 2.1.2 / eqs. (12)-(16): affinities s, selection by s + b, combine weights from s.
+
+    ``e_score_correction_bias`` (b) is a float32 buffer moved only by the aux-loss-free balancing
+    callback; it changes which experts are chosen, never the combine weights or the gate's gradients.
+    The gate runs in float32 whatever the surrounding precision.
+    """
+
+    def __init__(self, config: DeepSeekV3Config) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens.
+
+        Args:
+            x_TD: (T, D) token states.
+
+        Returns:
+            weights_TK: (T, K) float32 combine weights; topk_idx_TK: (T, K) chosen experts;
+            scores_TE: (T, E) float32 affinities s (before the bias).
+        """
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            choice_TGe = choice_TE.view(-1, self.n_group, self.n_experts // self.n_group)
+            # Group score: sum of its top-2 (V3, sigmoid); max (V2, softmax).
+            if self.scoring_func == "sigmoid":
+                group_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_TG = choice_TGe.amax(dim=-1)
+            top_groups = group_TG.topk(self.topk_group, dim=-1).indices
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).flatten(1)
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        nn.init.zeros_(self.e_score_correction_bias)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # torch._grouped_mm has no autocast rule: follow autocast by hand.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked (E, ...) weights and run with one grouped GEMM per projection.
+
+    ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Apply expert e to rows offsets_E[e-1]:offsets_E[e] of x_ND (rows sorted by expert).
+
+        Args:
+            x_ND: (N, D) token copies grouped by expert.
+            offsets_E: (E,) int32 cumulative row counts.
+
+        Returns:
+            (N, D) in the compute dtype.
+        """
+        dtype = _compute_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
+        return torch._grouped_mm(h_NF, w2, offs=offsets_E)
+
+    def reset_parameters(self, std: float) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=std)
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: int, alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise balance loss, eqs. (17)-(20) of the DeepSeek-V3 report.
+
+    L = alpha * sum_i f_i P_i per sequence, averaged over sequences, with f_i = E / (K S) * (tokens of the
+    sequence routed to i) and P_i the sequence mean of the normalised affinity s_i / sum_j s_j.
+    """
+    n_experts, top_k = scores_TE.shape[-1], topk_idx_TK.shape[-1]
+    scores_BSE = scores_TE.view(batch, -1, n_experts)
+    seqlen = scores_BSE.shape[1]
+    probs_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    hits_BE = torch.zeros_like(probs_BE).scatter_add_(
+        1, topk_idx_TK.view(batch, -1), torch.ones_like(topk_idx_TK, dtype=probs_BE.dtype).view(batch, -1)
+    )
+    f_BE = hits_BE * (n_experts / (top_k * seqlen))
+    return alpha * (f_BE * probs_BE).sum(dim=-1).mean()
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing recomputes the forward inside the backward pass; counting then would double loads.
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts with no token dropping.
+
+    ``tokens_per_expert`` (float32, E) accumulates routed tokens during training forwards; the balancing
+    and monitoring callbacks read, all-reduce and reset it. The model never syncs it.
+    """
+
+    def __init__(self, config: DeepSeekV3Config) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.seq_aux_alpha = config.seq_aux_alpha
+        self.gate = Gate(config)
+        self.experts = GroupedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0
+            else None
+        )
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mix x through the experts.
+
+        Args:
+            x: (B, S, D).
+
+        Returns:
+            (B, S, D) output and the sequence-wise balance loss (a scalar, or None when it is off).
+        """
+        bsz, seqlen, dim = x.shape
+        x_TD = x.reshape(-1, dim)
+        weights_TK, topk_idx_TK, scores_TE = self.gate(x_TD)
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, topk_idx_TK.flatten(), torch.ones_like(topk_idx_TK.flatten(), dtype=torch.int32)
+        )
+        if self.training and not _in_backward():
+            with torch.no_grad():
+                self.tokens_per_expert += counts_E
+        y_TD = self.routed(x_TD, weights_TK, topk_idx_TK, counts_E)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        aux = None
+        if self.training and self.seq_aux_alpha > 0:
+            aux = sequence_balance_loss(scores_TE, topk_idx_TK, bsz, self.seq_aux_alpha)
+        return y_TD.view(bsz, seqlen, dim).type_as(x), aux
+
+    def routed(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_idx_TK: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        """Permute token copies by expert, run the grouped GEMMs, weight and scatter back; no host sync."""
+        top_k = topk_idx_TK.shape[1]
+        order_TK = topk_idx_TK.flatten().argsort(stable=True)  # (TK,) pair positions sorted by expert
+        token_TK = order_TK // top_k
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+        out_TKD = self.experts(x_TD[token_TK], offsets_E)
+        out_TKD = out_TKD * weights_TK.flatten()[order_TK].unsqueeze(-1).to(out_TKD.dtype)
+        return torch.zeros_like(x_TD, dtype=out_TKD.dtype).index_add_(0, token_TK, out_TKD)
+
+    def reset_parameters(self, std: float) -> None:
+        self.gate.reset_parameters(std)
+        self.experts.reset_parameters(std)
+        self.tokens_per_expert.zero_()
