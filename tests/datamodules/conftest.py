@@ -16,7 +16,24 @@ import pytest  # noqa: E402
 from datamodules import PretrainDataModule  # noqa: E402
 from datamodules.tokenizer import train_bpe  # noqa: E402
 
-WORDS = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
+WORDS = [
+    "thou",
+    "art",
+    "more",
+    "lovely",
+    "and",
+    "more",
+    "temperate",
+    "rough",
+    "winds",
+    "do",
+    "shake",
+    "the",
+    "darling",
+    "buds",
+    "of",
+    "may",
+]
 
 
 def make_documents(n: int = 60, seed: int = 0) -> list[str]:

@@ -15,7 +15,9 @@ def tokenizer(tokenizer_path) -> Tokenizer:
 
 
 def _encoder(tokenizer, rate, seed=0):
-    return DocumentEncoder(tokenizer, tokenizer.token_to_id("<|endoftext|>"), rate, fim_token_ids(tokenizer, False), seed)
+    return DocumentEncoder(
+        tokenizer, tokenizer.token_to_id("<|endoftext|>"), rate, fim_token_ids(tokenizer, False), seed
+    )
 
 
 def test_fim_split_cuts_at_two_points_and_concatenates_back():
