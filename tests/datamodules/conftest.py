@@ -16,24 +16,7 @@ import pytest  # noqa: E402
 from datamodules import PretrainDataModule  # noqa: E402
 from datamodules.tokenizer import train_bpe  # noqa: E402
 
-WORDS = [
-    "thou",
-    "art",
-    "more",
-    "lovely",
-    "and",
-    "more",
-    "temperate",
-    "rough",
-    "winds",
-    "do",
-    "shake",
-    "the",
-    "darling",
-    "buds",
-    "of",
-    "may",
-]
+WORDS = ["thou", "art", "more", "lovely", "and", "temperate", "rough", "winds", "do", "shake", "the", "buds", "of"]
 
 
 def make_documents(n: int = 60, seed: int = 0) -> list[str]:
