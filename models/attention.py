@@ -102,12 +102,27 @@ class MLA(nn.Module):
         """
         if cache is not None:
             return self.forward_cached(x, cos, sin, cache, start_pos)
-        bsz, seqlen, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
         k, v = self._expand_kv(*self.latent(x, cos, sin))
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, S, H, N+R)
+        return self._attend(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
+
+    def _attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        is_causal: bool = True,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SDPA of q_nope (B, S, H, N), q_pe (B, S, H, R) over keys k (B, H, L, N+R), values v (B, H, L, V) -> (B, S, D).
+
+        ``is_causal`` aligns the mask top-left, so it is right only when queries and keys start together.
+        """
+        bsz, seqlen, _, _ = q_nope.shape
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, S, N+R)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
         )  # (B, H, S, V)
         return self.wo(o.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, S, D)
 
@@ -122,23 +137,28 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Write x's cache entries at start_pos..start_pos+S-1, then attend causally over positions 0..start_pos+S-1.
 
-        A latent cache decodes with the absorbed formulation (``_attend_absorbed``); an expanded cache stores
-        per-head K/V and runs SDPA on them. S may be > 1 (prefill, or a chunk of it).
+        With a latent cache, decoding (and a prefill chunk after cached tokens) uses the absorbed formulation
+        (``_attend_absorbed``). A prefill into an empty cache is compute-bound: there the expanded form is cheaper
+        (H x (N+R) per score instead of H x (C+R)) and runs a fused causal SDPA, as serving engines do; it still
+        caches only the latent. An expanded cache stores per-head K/V and always runs SDPA on them.
         """
-        seqlen = x.shape[1]
+        bsz, seqlen, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         end = start_pos + seqlen
-        # A single new token sees every cached one; a chunk needs the causal mask shifted by start_pos.
-        mask = None
-        if seqlen > 1:
-            pos = torch.arange(end, device=x.device)
-            mask = pos[None, :] <= pos[start_pos:, None]  # (S, L) True = attend
-        if isinstance(cache, ExpandedLayerCache):
-            return self._attend_expanded(q_nope, q_pe, c_kv, k_pe, cache, start_pos, mask)
-        bsz = x.shape[0]
-        cache.kv[:bsz, start_pos:end] = torch.cat((c_kv, k_pe), dim=-1)
-        return self._attend_absorbed(q_nope, q_pe, cache.kv[:bsz, :end], mask)
+        if isinstance(cache, LatentLayerCache):
+            cache.kv[:bsz, start_pos:end] = torch.cat((c_kv, k_pe), dim=-1)
+            if start_pos > 0 or seqlen == 1:
+                return self._attend_absorbed(q_nope, q_pe, cache.kv[:bsz, :end], _chunk_mask(seqlen, start_pos, x))
+            k, v = (t.transpose(1, 2) for t in self._expand_kv(c_kv, k_pe))  # (B, H, S, N+R), (B, H, S, V)
+        else:
+            k, v = self._expand_kv(c_kv, k_pe)  # (B, S, H, N+R), (B, S, H, V)
+            cache.k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+            cache.v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+            k, v = cache.k[:bsz, :, :end], cache.v[:bsz, :, :end]  # (B, H, L, N+R), (B, H, L, V)
+        if start_pos == 0:
+            return self._attend(q_nope, q_pe, k, v)
+        return self._attend(q_nope, q_pe, k, v, is_causal=False, mask=_chunk_mask(seqlen, start_pos, x))
 
     def _attend_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
@@ -147,7 +167,7 @@ class MLA(nn.Module):
 
         DeepSeek's ``inference/model.py`` "absorb" mode: q_nope^T k_nope = q_nope^T W_UK c_kv = (W_UK^T q_nope)^T c_kv,
         and sum_t p_t W_UV c_t = W_UV sum_t p_t c_t; all heads then share one key [c_kv | k_pe] (C+R) and one
-        value c_kv (C), so the cache is read once per step for all heads, and nothing is expanded per head.
+        value c_kv (C): multi-query attention over the cache, read once per step for all heads, nothing expanded.
 
         Args:
             q_nope: (B, S, H, N).
@@ -162,32 +182,19 @@ class MLA(nn.Module):
         w_kv_b = self.wkv_b.weight.view(n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)  # (H, N+V, C)
         w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
         q_c = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # (B, S, H, C)
-        q = torch.cat((q_c, q_pe.to(q_c.dtype)), dim=-1).flatten(1, 2)  # (B, S*H, C+R)
-        scores = torch.bmm(q, kv.transpose(1, 2).to(q.dtype)).float() * self.softmax_scale  # (B, S*H, L)
+        q = torch.cat((q_c, q_pe), dim=-1).flatten(1, 2)  # (B, S*H, C+R)
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, S*H, L)
         if mask is not None:
             scores = scores.view(bsz, seqlen, n_heads, -1).masked_fill(~mask[:, None, :], float("-inf")).flatten(1, 2)
         probs = scores.softmax(dim=-1).to(q.dtype)  # (B, S*H, L)
-        o_c = torch.bmm(probs, kv[..., : self.kv_lora_rank].to(q.dtype))  # (B, S*H, C)
+        o_c = torch.bmm(probs, kv[..., : self.kv_lora_rank])  # (B, S*H, C)
         o = torch.einsum("bshc,hvc->bshv", o_c.view(bsz, seqlen, n_heads, -1), w_uv)  # (B, S, H, V)
         return self.wo(o.flatten(2))  # (B, S, D)
 
-    def _attend_expanded(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        c_kv: torch.Tensor,
-        k_pe: torch.Tensor,
-        cache: ExpandedLayerCache,
-        start_pos: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The naive way: expand the new tokens to per-head K/V, cache those, run SDPA over the cache."""
-        bsz, seqlen, _, _ = q_nope.shape
-        end = start_pos + seqlen
-        k, v = self._expand_kv(c_kv, k_pe)  # (B, S, H, N+R), (B, S, H, V)
-        cache.k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-        cache.v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, S, N+R)
-        k, v = cache.k[:bsz, :, :end], cache.v[:bsz, :, :end]  # (B, H, L, N+R), (B, H, L, V)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.softmax_scale)
-        return self.wo(o.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, S, D)
+
+def _chunk_mask(seqlen: int, start_pos: int, x: torch.Tensor) -> torch.Tensor | None:
+    """(S, start_pos+S) causal mask of a chunk continuing start_pos cached tokens, True = attend; None for S = 1."""
+    if seqlen == 1:
+        return None
+    pos = torch.arange(start_pos + seqlen, device=x.device)
+    return pos[None, :] <= pos[start_pos:, None]

@@ -34,8 +34,12 @@ def test_cached_decode_equals_full_forward(tiny_config, variant, expanded):
         # Prefill, then a chunk continuing the cache (shifted causal mask), then one token at a time.
         chunks = [model.decode(ids[:, :9], cache), model.decode(ids[:, 9:14], cache)]
         chunks += [model.decode(ids[:, t : t + 1], cache) for t in range(14, 24)]
+        # One token at a time from an empty cache: absorbed decoding from position 0.
+        steps = MLACache(model.config, 2, 6, expanded=expanded)
+        singles = [model.decode(ids[:, t : t + 1], steps) for t in range(6)]
     assert cache.seq_len == 24
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(singles, dim=1), full[:, :6], rtol=1e-5, atol=1e-5)
     assert full.abs().max() > 1.0  # the comparison is not between near-zero logits
 
 
