@@ -115,7 +115,7 @@ class MLA(nn.Module):
         is_causal: bool = True,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """SDPA of q_nope (B, S, H, N), q_pe (B, S, H, R) over keys k (B, H, L, N+R), values v (B, H, L, V) -> (B, S, D).
+        """SDPA of q_nope (B, S, H, N), q_pe (B, S, H, R) over keys (B, H, L, N+R), values (B, H, L, V) -> (B, S, D).
 
         ``is_causal`` aligns the mask top-left, so it is right only when queries and keys start together.
         """
