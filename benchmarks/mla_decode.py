@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{config.num_hidden_layers} layers, H={h}, C+R={config.kv_lora_rank}+{config.qk_rope_head_dim}, "
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy\n"
     )
-    print("| batch | cache | bytes/token | cache MiB | prefill ms | decode ms/step | decode tok/s | speed-up | logits diff |")
+    print("| batch | cache | B/token | cache MiB | prefill ms | ms/step | decode tok/s | speed-up | logits diff |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with torch.inference_mode():
         for bsz in args.batch_sizes:
