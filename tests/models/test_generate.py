@@ -166,21 +166,29 @@ def test_cache_bytes_per_token(preset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cached_decode_equals_full_forward_on_cuda(tiny_config, dtype):
-    torch.set_default_dtype(dtype)
-    with torch.device("cuda"):
-        model = _model(tiny_config)
-    torch.set_default_dtype(torch.float32)
-    ids = torch.randint(0, tiny_config.vocab_size, (2, 24), device="cuda")
-    with torch.inference_mode():
-        full = model(ids).logits.float()
+def test_cached_decode_on_cuda_matches_full_forward(tiny_config):
+    def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().mean() / b.float().abs().mean()).item()
+
+    def cached_logits(model: DeepSeekV3, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         cache = MLACache(model.config, 2, 24, device="cuda", dtype=dtype)
         chunks = [model.decode(ids[:, :9], cache)] + [model.decode(ids[:, t : t + 1], cache) for t in range(9, 24)]
-    cached = torch.cat(chunks, dim=1).float()
-    err = ((cached - full).abs().mean() / full.abs().mean()).item()
-    print(f"{dtype}: max abs err {(cached - full).abs().max().item():.2e}, mean rel err {err:.2e}")
-    if dtype == torch.float32:
-        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)  # TF32 may be on in matmuls
-    else:
-        assert err < 2e-2  # bf16 rounds the absorbed products differently from the expanded ones
+        return torch.cat(chunks, dim=1)
+
+    with torch.device("cuda"):
+        model32 = _model(tiny_config)
+        torch.set_default_dtype(torch.bfloat16)
+        model16 = _model(tiny_config)
+    torch.set_default_dtype(torch.float32)
+    model16.load_state_dict(model32.state_dict())
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 24), device="cuda")
+    with torch.inference_mode():
+        ref = model32(ids).logits
+        # fp32: the same numbers (TF32 matmuls may be on, hence not 1e-5).
+        torch.testing.assert_close(cached_logits(model32, ids, torch.float32), ref, rtol=1e-4, atol=1e-4)
+        # bf16: rounding differs between the absorbed and the expanded products, so ask the cached decode to be
+        # about as close to the fp32 reference as the bf16 training forward is.
+        err_full = rel_err(model16(ids).logits, ref)
+        err_cached = rel_err(cached_logits(model16, ids, torch.bfloat16), ref)
+    print(f"bf16 vs fp32 logits: full forward {err_full:.2e}, cached decode {err_cached:.2e}")
+    assert err_cached < 2 * err_full + 1e-3
