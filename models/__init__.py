@@ -1,6 +1,14 @@
 """DeepSeek-V3 in pure PyTorch: config, model, HF checkpoint interop."""
 
 from models.config import PRESETS, DeepSeekV3Config
+from models.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from models.model import DeepSeekV3, DeepSeekV3Output
 
-__all__ = ["PRESETS", "DeepSeekV3", "DeepSeekV3Config", "DeepSeekV3Output"]
+__all__ = [
+    "PRESETS",
+    "DeepSeekV3",
+    "DeepSeekV3Config",
+    "DeepSeekV3Output",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
+]
