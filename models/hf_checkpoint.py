@@ -512,8 +512,10 @@ def save_hf_checkpoint(
 ) -> None:
     """Write ``model`` as a transformers-loadable folder: config.json + safetensors (sharded with an index if large).
 
-    Per-expert weights and MTP layers as layers L+k follow DeepSeek's release, which transformers'
-    ``DeepseekV3ForCausalLM.from_pretrained`` reads (it skips the MTP layers). Shards are written one at a time.
+    Per-expert weights and MTP layers as layers L+k (with copies of the embedding and head) follow DeepSeek's
+    release. transformers' ``DeepseekV3ForCausalLM.from_pretrained`` loads the main model; it does not build MTP
+    layers and silently skips them only for ``model.layers.61.*`` (DeepSeek-V3's depth), otherwise it reports
+    them as unexpected keys, harmlessly. Shards are written one at a time.
 
     Args:
         model: A model with real (non-meta, non-sharded) tensors.

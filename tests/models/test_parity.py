@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models import DeepSeekV3, DeepSeekV3Config, load_hf_checkpoint, save_hf_checkpoint
 
@@ -145,9 +146,26 @@ def test_load_transformers_checkpoint_matches_logits(tmp_path, seed, case):
 
 
 @torch.no_grad()
+def test_fused_expert_layout_loads(tmp_path):
+    """transformers' in-memory tensors written as they are: fused experts.gate_up_proj (E, 2F, D), down_proj."""
+    hf_config = _hf_config(7, num_hidden_layers=3)
+    hf_model = transformers.DeepseekV3ForCausalLM(hf_config).eval()
+    _randomize_hf(hf_model)
+    state = hf_model.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf_config.save_pretrained(tmp_path)
+    tokens = torch.randint(0, hf_config.vocab_size, (2, 20))
+    ours = load_hf_checkpoint(tmp_path)
+    torch.testing.assert_close(ours(tokens).logits, hf_model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_export_with_mtp_loads_into_transformers(tmp_path, tiny_config):
     """Our model with an MTP module: transformers loads the main model and reports only layers L+k as extra."""
-    config = DeepSeekV3Config.from_dict({**tiny_config.to_dict(), "rope_factor": 4.0, "original_max_position_embeddings": 64})
+    config = DeepSeekV3Config.from_dict(
+        {**tiny_config.to_dict(), "rope_factor": 4.0, "original_max_position_embeddings": 64}
+    )
     ours = DeepSeekV3(config).eval()
     for moe in ours.moe_layers():
         moe.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
