@@ -297,8 +297,8 @@ def _classify(key: str, headers: dict, slots: dict[str, _Slot], plan: _Plan, blo
             plan.targets[key] = [(slot.ours, slot.expert, None)]
     elif (fused := _fused_expert_targets(key, slots)) is not None:
         plan.targets[key], covered, want = fused[0], set(fused[1]), fused[2]
-    elif key.endswith("_scale_inv") or _IGNORED.fullmatch(key):
-        return set()  # scales are checked with their weight
+    elif key.endswith("_scale_inv") or _IGNORED.fullmatch(key) or math.prod(shape) == 0:
+        return set()  # scales are checked with their weight; transformers saves n_shared_experts=0 as (0, D)
     else:
         plan.unexpected.append(f"{key} {list(shape)}")
         return set()
@@ -505,6 +505,11 @@ def _export_tensors(model: DeepSeekV3, dtype: torch.dtype | None) -> Iterator[tu
         if dtype is not None and tensor.is_floating_point() and not key.endswith("e_score_correction_bias"):
             tensor = tensor.to(dtype)
         yield key, tensor
+    if model.config.n_shared_experts == 0:  # transformers builds zero-width shared experts and expects them
+        for moe_key in (k for k in hf_slots(model) if k.endswith("mlp.gate.weight")):
+            prefix, d = moe_key.removesuffix("gate.weight") + "shared_experts.", model.config.hidden_size
+            for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                yield f"{prefix}{proj}.weight", torch.empty(shape, dtype=dtype or model.embed.weight.dtype)
 
 
 def save_hf_checkpoint(

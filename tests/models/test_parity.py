@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from models import DeepSeekV3, DeepSeekV3Config, load_hf_checkpoint, save_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's n_shared_experts=0
 
 YARN = {
     "rope_type": "yarn",
@@ -42,6 +43,7 @@ CASES = {
         "rms_norm_eps": 1e-2,  # a large eps tells apart which norms use it (HF's q/kv norms keep 1e-6)
     },
     "tied-sdpa": {"tie_word_embeddings": True, "attn_implementation": "sdpa", "n_shared_experts": 2},
+    "top1-no_shared": {"num_experts_per_tok": 1, "n_shared_experts": 0, "n_group": 4, "topk_group": 2},
     # rotate-half RoPE layout: the loader permutes the RoPE rows of q_b_proj and kv_a_proj_with_mqa
     "rope_not_interleaved": {"rope_interleave": False, "num_experts_per_tok": 2, "topk_group": 2},
 }
