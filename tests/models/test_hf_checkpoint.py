@@ -287,3 +287,18 @@ def test_tied_embeddings_survive_meta_init(tmp_path, tiny_config):
     assert "lm_head.weight" not in _load_all(tmp_path)
     loaded = load_hf_checkpoint(tmp_path)
     assert loaded.head.weight is loaded.embed.weight
+
+
+@pytest.mark.gpu
+def test_load_to_cuda_in_bf16(tmp_path, tiny_config):
+    model = _random_model(tiny_config)
+    save_hf_checkpoint(model, tmp_path, max_shard_size=100_000)
+    loaded = load_hf_checkpoint(tmp_path, device="cuda", dtype=torch.bfloat16)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"} and loaded.freqs_cis.is_cuda
+    assert loaded.embed.weight.dtype == torch.bfloat16
+    assert loaded.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        logits = loaded(tokens.cuda()).logits.float().cpu()
+        expected = model(tokens).logits
+    torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)  # bf16 weights and activations
