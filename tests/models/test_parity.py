@@ -147,6 +147,38 @@ def test_load_transformers_checkpoint_matches_logits(tmp_path, seed, case):
     torch.testing.assert_close(reloaded.eval()(tokens).logits, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "n_group,topk_group,top_k,norm_topk_prob",
+    [(1, 1, 4, True), (4, 2, 3, True), (8, 3, 1, True), (4, 1, 2, False)],
+)
+@torch.no_grad()
+def test_gate_matches_transformers_router(tiny_config, n_group, topk_group, top_k, norm_topk_prob):
+    """Our Gate against DeepseekV3TopkRouter on the same weights and selection-changing biases."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from models.moe import Gate
+
+    routing = {"n_group": n_group, "topk_group": topk_group, "num_experts_per_tok": top_k}
+    config = DeepSeekV3Config.from_dict(
+        {**tiny_config.to_dict(), **routing, "n_routed_experts": 32, "norm_topk_prob": norm_topk_prob}
+    )
+    hf_config = _hf_config(
+        0, hidden_size=config.hidden_size, n_routed_experts=32, norm_topk_prob=norm_topk_prob, **routing
+    )
+    ours, theirs = Gate(config), DeepseekV3TopkRouter(hf_config)
+    ours.reset_parameters(std=0.3)
+    x_TD = torch.randn(256, config.hidden_size)
+    idx_without_bias_TK = ours(x_TD)[1].sort(-1).values
+    ours.e_score_correction_bias.uniform_(-0.3, 0.3)
+    theirs.load_state_dict(ours.state_dict())
+    weights_TK, idx_TK, _ = ours(x_TD)
+    _, hf_weights_TK, hf_idx_TK = theirs(x_TD)
+    order, hf_order = idx_TK.argsort(-1), hf_idx_TK.argsort(-1)
+    assert torch.equal(idx_TK.gather(1, order), hf_idx_TK.gather(1, hf_order))
+    assert (idx_TK.gather(1, order) != idx_without_bias_TK).any(-1).float().mean() > 0.2  # the bias matters
+    torch.testing.assert_close(weights_TK.gather(1, order), hf_weights_TK.gather(1, hf_order), rtol=1e-6, atol=1e-7)
+
+
 @torch.no_grad()
 def test_fused_expert_layout_loads(tmp_path):
     """transformers' in-memory tensors written as they are: fused experts.gate_up_proj (E, 2F, D), down_proj."""
