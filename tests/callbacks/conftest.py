@@ -48,6 +48,15 @@ def make_trainer(tmp_path, callbacks, max_steps: int, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The callback tests run tiny matmuls: one intra-op thread is as fast, and does not thrash a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def lit_factory():
     return TinyLitModule

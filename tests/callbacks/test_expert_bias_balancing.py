@@ -164,6 +164,7 @@ def test_checkpoint_keeps_biases_and_state(tmp_path, tiny_config, lit_factory, l
 
 
 def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config, batches: torch.Tensor, out: str):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
     calls = []
     all_reduce = dist.all_reduce
@@ -190,9 +191,9 @@ def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_with_both_batches(tmp_path, tiny_config):
     batches = torch.randint(0, tiny_config.vocab_size, (2, 2, 17))
-    mp.spawn(
-        _rank_biases, args=(2, f"file://{tmp_path}/rdzv", tiny_config, batches, str(tmp_path)), nprocs=2, join=True
-    )
+    # fork, not spawn: the children inherit the imported modules instead of importing torch and lightning again.
+    args = (2, f"file://{tmp_path}/rdzv", tiny_config, batches, str(tmp_path))
+    mp.start_processes(_rank_biases, args=args, nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config)
