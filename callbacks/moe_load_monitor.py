@@ -194,4 +194,3 @@ class MoELoadMonitor(Callback):
             for i, moe in layers:
                 bias = moe.gate.e_score_correction_bias.detach().float().cpu()
                 writer.add_histogram(f"moe/layer{i}/expert_bias", bias, trainer.global_step)
-

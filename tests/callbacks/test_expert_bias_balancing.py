@@ -22,7 +22,9 @@ from models.moe import Gate
 
 def test_bias_update_follows_sign_rule():
     counts_LE = torch.tensor([[10.0, 30.0, 20.0, 20.0], [0.0, 0.0, 0.0, 8.0]])
-    torch.testing.assert_close(bias_update(counts_LE, 0.5), torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.5, 0.5, 0.5, -0.5]]))
+    torch.testing.assert_close(
+        bias_update(counts_LE, 0.5), torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.5, 0.5, 0.5, -0.5]])
+    )
     centred = bias_update(counts_LE, 0.5, center=True)
     torch.testing.assert_close(centred.sum(dim=1), torch.zeros(2))
     torch.testing.assert_close(centred[1], torch.tensor([0.25, 0.25, 0.25, -0.75]))
@@ -114,7 +116,9 @@ class _RecordUpdates(ExpertBiasBalancing):
         self.records.append((counts_LE.clone(), before, after))
 
 
-def test_one_update_per_optimizer_step_under_accumulation(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory):
+def test_one_update_per_optimizer_step_under_accumulation(
+    tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory
+):
     callback = _RecordUpdates(gamma=0.01)
     trainer = trainer_factory(tmp_path, [callback], max_steps=2, accumulate_grad_batches=2)
     trainer.fit(lit_factory(tiny_config), loader_factory(tiny_config, n_batches=4, batch_size=2, seq_len=16))

@@ -71,7 +71,11 @@ class _CountingBalancing(ExpertBiasBalancing):
 
 
 def _fit(tmp_path, config, lit_factory, loader_factory, trainer_factory, order: str):
-    balancing, monitor, spy = _CountingBalancing(gamma=0.01), MoELoadMonitor(log_every_n_steps=2, image_every_n_steps=4), _Spy()
+    balancing, monitor, spy = (
+        _CountingBalancing(gamma=0.01),
+        MoELoadMonitor(log_every_n_steps=2, image_every_n_steps=4),
+        _Spy(),
+    )
     callbacks = [balancing, monitor, spy] if order == "balancing_first" else [monitor, balancing, spy]
     logger = TensorBoardLogger(tmp_path, name=order, version=0)
     gathers = []
@@ -97,7 +101,10 @@ def _fit(tmp_path, config, lit_factory, loader_factory, trainer_factory, order: 
 def test_monitor_and_balancing_share_one_gather_in_any_order(
     tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory
 ):
-    runs = {o: _fit(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory, o) for o in ("balancing_first", "monitor_first")}
+    runs = {
+        o: _fit(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory, o)
+        for o in ("balancing_first", "monitor_first")
+    }
     for balancing, spy, events, n_gathers, _ in runs.values():
         assert n_gathers == 4  # one per optimizer step, not per callback or micro-batch
         logged = [e.value for e in events.Scalars("moe/layer1/max_vio")]
@@ -107,7 +114,13 @@ def test_monitor_and_balancing_share_one_gather_in_any_order(
         for s, e in zip((2, 4), events.Scalars("moe/max_vio"), strict=True):
             assert e.value == pytest.approx(max_vio(balancing.counts[s - 1]).mean().item(), rel=1e-6)
         tags = events.Tags()
-        assert {"moe/layer3/max_vio", "moe/max_vio_max", "moe/dead_experts", "moe/group0/share", "moe/group_max_vio"} <= set(tags["scalars"])
+        assert {
+            "moe/layer3/max_vio",
+            "moe/max_vio_max",
+            "moe/dead_experts",
+            "moe/group0/share",
+            "moe/group_max_vio",
+        } <= set(tags["scalars"])
         assert {"moe/router_entropy", "moe/layer2/router_entropy"} <= set(tags["scalars"])
         assert tags["images"] == ["moe/expert_load"] and [e.step for e in events.Images("moe/expert_load")] == [4]
         assert "moe/layer1/expert_bias" in tags["histograms"]

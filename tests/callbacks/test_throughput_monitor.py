@@ -80,7 +80,13 @@ def test_validation_time_is_excluded(monkeypatch, tmp_path, tiny_config, lit_fac
     module.validation_step = lambda batch, batch_idx: clock.__setattr__("now", clock.now + 1000.0)
     monitor = ThroughputMonitor(log_every_n_steps=3)
     trainer = trainer_factory(
-        tmp_path, [monitor], max_steps=3, logger=logger, val_check_interval=2, num_sanity_val_steps=0, limit_val_batches=1
+        tmp_path,
+        [monitor],
+        max_steps=3,
+        logger=logger,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
     )
     loader = loader_factory(tiny_config, n_batches=3, batch_size=2, seq_len=8)
     trainer.fit(module, loader, loader_factory(tiny_config, n_batches=1, batch_size=2, seq_len=8))
