@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks import ExpertBiasBalancing, MoELoadMonitor, moe_stats
-from callbacks.moe_load_monitor import _EntropyHooks, group_share, load_heatmap, max_vio
+from callbacks.moe_load_monitor import RouterEntropy, group_share, load_heatmap, max_vio
 from models import DeepSeekV3
 
 
@@ -36,12 +36,13 @@ def test_router_entropy_matches_categorical(tiny_config):
     gates = [moe.gate for moe in model.moe_layers()]
     captured = []
     handle = gates[0].register_forward_hook(lambda m, a, out: captured.append(out[2].detach()))
-    hooks = _EntropyHooks(gates, torch.device("cpu"))
+    hooks = RouterEntropy(gates, torch.device("cpu"))
+    hooks.attach()
     tokens = torch.randint(0, tiny_config.vocab_size, (2, 9))
     model(tokens[:, :-1], labels=tokens[:, 1:])
     model.eval()
     model(tokens[:, :-1])  # eval passes are not counted
-    entropy_L = hooks.remove()
+    entropy_L = hooks.read()
     handle.remove()
     scores_TE = captured[0]
     expected = torch.distributions.Categorical(probs=scores_TE / scores_TE.sum(-1, keepdim=True)).entropy().mean()
