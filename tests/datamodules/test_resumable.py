@@ -62,6 +62,15 @@ def test_commit_of_a_later_batch_commits_the_earlier_ones(make_dm):
     assert loader.state.batches == 2
 
 
+def test_uncommitted_batches_are_bounded_with_a_warning(make_dm, caplog):
+    loader = make_dm().train_dataloader()
+    loader.auto_commit = False
+    with caplog.at_level(logging.WARNING):
+        list(itertools.islice(loader, 70))
+    assert "not being committed" in caplog.text
+    assert loader.state.batches == 70 - 64
+
+
 def test_state_round_trips_through_dict_and_tensor():
     state = StreamState([StreamPosition(1, 2, 3), StreamPosition(4, 5, 6)], batches=7, next_stream=1)
     assert StreamState.from_dict(state.to_dict()) == state

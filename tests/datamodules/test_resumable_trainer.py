@@ -65,6 +65,7 @@ def _same(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 @pytest.mark.parametrize("workers,accumulate", [(0, 1), (2, 1), (0, 2)])
 def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(make_dm, tmp_path, workers, accumulate):
     def dm():
@@ -81,8 +82,25 @@ def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(make_dm, t
     assert a.val_batches and _same(a.val_batches[:2], b_resumed.val_batches[:2])  # one fixed validation set
 
 
+class HookedRecorder(Recorder):
+    """A module with its own ``on_before_batch_transfer``, which the datamodule's must not displace."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__(vocab_size)
+        self.hook_calls = 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.hook_calls += self.trainer.training
+        return batch
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_before_batch_transfer` in both")
 def test_checkpoint_holds_the_consumed_position(make_dm, tmp_path):
-    _fit(make_dm(num_workers=2), tmp_path, N, save_every=N)
+    model = HookedRecorder(make_dm().vocab_size)
+    checkpoint = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=N)
+    trainer = L.Trainer(accelerator="cpu", max_steps=N, callbacks=[checkpoint], logger=False, enable_progress_bar=False)
+    trainer.fit(model, datamodule=make_dm(num_workers=2, val_fraction=0.2, val_batches=2))
     state = torch.load(tmp_path / f"step={N}.ckpt", weights_only=True)["PretrainDataModule"]
     assert state["ranks"][0]["batches"] == N  # not N + 1 (Lightning's prefetch) nor more (workers' prefetch)
     assert state["ranks"][0]["next_stream"] == N % 2
+    assert model.hook_calls == N  # every training batch still reached the module's own hook
