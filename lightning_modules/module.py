@@ -251,8 +251,8 @@ def check_compatible(saved: dict[str, Any] | None, config: DeepSeekV3Config) -> 
         raise ValueError(
             "the checkpoint's model has another shape than the configured one ("
             + "; ".join(diff)
-            + "). Use the config the checkpoint was trained with, or drop --model.* flags to take it from the "
-            "checkpoint."
+            + "). Use the model config the checkpoint was trained with, or leave model.preset/overrides out of the "
+            "config files and flags to take them from the checkpoint."
         )
 
 
