@@ -270,9 +270,13 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str
     with torch.device("meta"):
         model = DeepSeekV3(config)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True)
+    model.to_empty(device=device)
+    model.load_state_dict(state)
+    # Non-persistent buffers are not in the checkpoint: the RoPE table and the (zeroed) load counters.
     model.freqs_cis = rope_freqs_cis(config, torch.device(device))
-    return model.to(device)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return model
 
 
 def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Any, int | None]:
