@@ -15,10 +15,6 @@ from models.config import DeepSeekV3Config
 from models.kv_cache import ExpandedLayerCache, LatentLayerCache
 from models.rope import apply_rope
 
-# cuDNN attention (PyTorch's first choice on Hopper) builds an execution plan per shape: free for training's fixed
-# shapes, but about 8 ms a call when the key length grows by one every decode step (measured on an H200).
-_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, weight applied in the input dtype (as DeepSeek-V3/HF)."""
@@ -210,3 +206,8 @@ def _chunk_mask(seqlen: int, start_pos: int, x: torch.Tensor) -> torch.Tensor | 
         return None
     pos = torch.arange(start_pos + seqlen, device=x.device)
     return pos[None, :] <= pos[start_pos:, None]
+
+
+# cuDNN attention (PyTorch's first choice on Hopper) builds an execution plan per shape: free for training's fixed
+# shapes, but about 8 ms a call when the key length grows by one every decode step (measured on an H200).
+_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
