@@ -1,6 +1,8 @@
 """DeepSeek-V3 in pure PyTorch: config, model, HF checkpoint interop."""
 
 from models.config import PRESETS, DeepSeekV3Config
+from models.generate import generate
+from models.kv_cache import MLACache
 from models.model import DeepSeekV3, DeepSeekV3Output
 
-__all__ = ["PRESETS", "DeepSeekV3", "DeepSeekV3Config", "DeepSeekV3Output"]
+__all__ = ["PRESETS", "DeepSeekV3", "DeepSeekV3Config", "DeepSeekV3Output", "MLACache", "generate"]
