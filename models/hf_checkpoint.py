@@ -306,8 +306,8 @@ def _classify(key: str, headers: dict, slots: dict[str, _Slot], plan: _Plan, blo
         plan.mismatched.append(f"{key}: checkpoint {list(shape)}, model expects {list(want)}")
     if dtype.startswith("F8"):
         scale = key + "_scale_inv"
-        if scale not in headers:
-            plan.mismatched.append(f"{key}: {dtype} weight without {scale}")
+        if scale not in headers or len(shape) != 2:
+            plan.mismatched.append(f"{key}: {dtype} weight without {scale} (block scales of 2-D weights are read)")
         elif headers[scale][1] != _expected_scale_shape(shape, block):
             want_scale = list(_expected_scale_shape(shape, block))
             plan.mismatched.append(f"{scale}: checkpoint {list(headers[scale][1])}, expected {want_scale}")
