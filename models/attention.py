@@ -51,10 +51,11 @@ class MLA(nn.Module):
             self.wq = nn.Linear(d, h * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            # The latent norms keep eps 1e-6 whatever rms_norm_eps says, as DeepSeek's inference and HF code do.
+            self.q_norm = RMSNorm(config.q_lora_rank)
             self.wq_b = nn.Linear(config.q_lora_rank, h * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)  # eps 1e-6, as q_norm
         self.wkv_b = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(h * self.v_dim, d, bias=False)
 

@@ -125,6 +125,8 @@ class DeepSeekV3(nn.Module):
         Args:
             buffer_device: Where to build the RoPE table (default: where it is now).
         """
+        if self.config.tie_word_embeddings:  # to_empty() (meta init) gives each module a new Parameter: re-tie
+            self.head.weight = self.embed.weight
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
