@@ -136,6 +136,10 @@ def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, ba
 
 def _in_backward() -> bool:
     # Activation checkpointing recomputes the forward inside the backward pass; counting then would double loads.
+    # A compiled block recomputes inside its compiled backward graph, which never replays the buffer update (and
+    # the graph-task query would break the graph).
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
