@@ -153,3 +153,21 @@ def test_compiled_blocks_match_eager_on_gpu(tiny_config):
     ref, got = _grads_after_backward(model, tokens), _grads_after_backward(compiled, tokens)
     for name in ref:
         torch.testing.assert_close(got[name].float(), ref[name].float(), rtol=5e-2, atol=2e-3, msg=name)
+
+
+@pytest.mark.gpu
+def test_grouped_experts_unaligned_groups_match_loop_on_gpu():
+    from models.moe import GroupedExperts
+
+    experts = GroupedExperts(8, 256, 128).cuda()
+    experts.reset_parameters(0.02)
+    counts = torch.tensor([0, 3, 17, 1, 40, 0, 9, 30], device="cuda")  # rows not multiples of 8/16
+    x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16)
+    got = experts(x, counts.cumsum(0, dtype=torch.int32)).float()
+    ref, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        xe = x[start : start + n].float()
+        w1, w2, w3 = (w[e].to(torch.bfloat16).float() for w in (experts.w1, experts.w2, experts.w3))
+        ref.append((F.silu(xe @ w1.t()) * (xe @ w3.t())) @ w2.t())
+        start += n
+    torch.testing.assert_close(got, torch.cat(ref), rtol=2e-2, atol=2e-2)
