@@ -171,3 +171,27 @@ def test_grouped_experts_unaligned_groups_match_loop_on_gpu():
         ref.append((F.silu(xe @ w1.t()) * (xe @ w3.t())) @ w2.t())
         start += n
     torch.testing.assert_close(got, torch.cat(ref), rtol=2e-2, atol=2e-2)
+
+
+def test_moe_permutation_combine_gradients_match_scatter_add(tiny_config):
+    from models.moe import MoE
+
+    moe = MoE(tiny_config).train()
+    moe.reset_parameters(std=0.2)
+    x = torch.randn(2, 9, tiny_config.hidden_size, requires_grad=True)
+    y, _ = moe(x)
+    y.square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    for t in [x, *moe.parameters()]:
+        t.grad = None
+    # Reference combine: the scatter-add formulation.
+    x_TD = x.reshape(-1, tiny_config.hidden_size)
+    weights_TK, idx_TK, _ = moe.gate(x_TD)
+    order = idx_TK.flatten().argsort(stable=True)
+    token = order // idx_TK.shape[1]
+    counts = torch.bincount(idx_TK.flatten(), minlength=moe.n_experts).cumsum(0, dtype=torch.int32)
+    out = moe.experts(x_TD[token], counts) * weights_TK.flatten()[order].unsqueeze(-1)
+    ref = torch.zeros_like(x_TD).index_add_(0, token, out) + moe.shared_experts(x_TD)
+    ref.square().sum().backward()
+    for g, t in zip(got, [x, *moe.parameters()], strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
