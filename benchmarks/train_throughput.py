@@ -9,7 +9,8 @@ measured step time and ``--peak-tflops``, the same for every implementation.
 Implementations (``--impl``, comma-separated):
   ours            DeepSeekV3: bf16 params + fp32-master fused AdamW, fused chunked head+CE, cuDNN attention,
                   per-block torch.compile with --compile (``--precision autocast`` for fp32 params + autocast).
-  ours-lightning  The same model through DeepSeekV3LitModule under a Lightning Trainer (needs lightning_modules).
+  ours-lightning  DeepSeekV3LitModule under a Lightning Trainer with --lightning-config's precision, gradient
+                  clipping and optimizer (configs/bench-1gpu.yaml: MasterWeightAdamW, clip 1.0).
   torchtitan      torchtitan 0.2.2's DeepSeekV3Model built from the same preset, compiled per block as its
                   ``apply_compile`` does (and its compiled loss), bf16 autocast + fused AdamW as its trainer.
   transformers    transformers' DeepseekV3ForCausalLM (sdpa attention, its default experts), fp32 params +
@@ -263,10 +264,75 @@ def build_transformers(config: DeepSeekV3Config, v: Variant, device: torch.devic
     return model, optimizer, step
 
 
-def build_ours_lightning(config: DeepSeekV3Config, v: Variant, device: torch.device, seq_len: int):
-    from benchmarks.lightning_step import build_lightning_step
+def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> Result:
+    """The user path: DeepSeekV3LitModule under a Lightning Trainer, configured from ``--lightning-config``.
 
-    return build_lightning_step(config, v, device, seq_len)
+    Takes the YAML's trainer precision, gradient clipping and optimizer; step times are CUDA events at the start of
+    each optimizer step's first micro-batch (the Trainer's own loop, logging and clipping included).
+    """
+    import importlib
+
+    import yaml
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_modules import DeepSeekV3LitModule
+
+    yaml_cfg = yaml.safe_load(Path(args.lightning_config).read_text())
+    opt = yaml_cfg["model"]["optimizer"]
+    module_name, cls_name = opt["class_path"].rsplit(".", 1)
+    opt_cls, opt_kwargs = getattr(importlib.import_module(module_name), cls_name), opt.get("init_args", {})
+    if device.type != "cuda":
+        opt_kwargs = {k: val for k, val in opt_kwargs.items() if k != "fused"}
+    result, timer = Result(v), _Timer(device)
+    t0 = time.perf_counter()
+
+    class StepTimer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            if batch_idx % v.grad_accum == 0:
+                step = batch_idx // v.grad_accum
+                if step == args.warmup:
+                    _sync(device)
+                    result.setup_s = time.perf_counter() - t0
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                timer.mark()
+
+        def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            timer.mark()
+
+    module = DeepSeekV3LitModule(
+        preset=args.preset,
+        overrides={"max_position_embeddings": args.seq_len} if args.preset == "tiny" else None,
+        seq_len=args.seq_len,
+        optimizer=lambda params: opt_cls(params, **opt_kwargs),
+        compile=v.compile,
+        activation_checkpointing=v.ac,
+    )
+    n_steps = args.warmup + args.steps
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, config.vocab_size, (4 * v.micro_batch, args.seq_len + 1), generator=gen)
+    loader = DataLoader(list(rows) * (n_steps * v.grad_accum // 4 + 1), batch_size=v.micro_batch, pin_memory=True)
+    trainer = Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=yaml_cfg["trainer"].get("precision", "32-true") if device.type == "cuda" else "32-true",
+        gradient_clip_val=yaml_cfg["trainer"].get("gradient_clip_val"),
+        accumulate_grad_batches=v.grad_accum,
+        max_steps=n_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[StepTimer()],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    times = timer.intervals_ms()[args.warmup :]
+    _fill(result, times, config, v, args, device)
+    result.loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- harness
@@ -300,7 +366,6 @@ class _Timer:
 def _builder(impl: str) -> Callable:
     builders = {
         "ours": lambda c, v, d, s: build_ours(c, v, d),
-        "ours-lightning": build_ours_lightning,
         "torchtitan": build_torchtitan,
         "transformers": lambda c, v, d, s: build_transformers(c, v, d),
     }
@@ -311,6 +376,8 @@ def _builder(impl: str) -> Callable:
 
 def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> Result:
     """Build one implementation, run warm-up and timed steps, return the median step."""
+    if v.impl == "ours-lightning":
+        return measure_lightning(config, v, args, device)
     result = Result(v)
     t0 = time.perf_counter()
     model, optimizer, step = _builder(v.impl)(config, v, device, args.seq_len)
@@ -342,17 +409,22 @@ def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, devi
     if profiling:
         prof.__exit__(None, None, None)
         _write_profile(prof, args, v)
-    times = timer.intervals_ms()
+    _fill(result, timer.intervals_ms(), config, v, args, device)
+    result.loss = float(losses[-1].detach())
+    del model, optimizer, step, batches, losses
+    return result
+
+
+def _fill(
+    result: Result, times: list[float], config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device
+) -> None:  # noqa: ANN001
     result.step_ms_all = [round(t, 3) for t in times]
     result.step_ms = statistics.median(times)
     tokens = v.micro_batch * v.grad_accum * args.seq_len
     result.tokens_per_s = tokens / (result.step_ms / 1e3)
     result.mfu = config.flops_per_token(args.seq_len) * result.tokens_per_s / (args.peak_tflops * 1e12)
-    result.loss = float(losses[-1].detach())
     if device.type == "cuda":
         result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, optimizer, step, batches, losses
-    return result
 
 
 def _profiler(args: argparse.Namespace, v: Variant):
@@ -433,6 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=791.0, help="dense bf16 peak measured on the H200")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--lightning-config", default="configs/bench-1gpu.yaml", help="ours-lightning: YAML to follow")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last 2 steps")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
@@ -445,11 +518,16 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out = []
     for name in args.impl.split(","):
         impl = name.removesuffix("-eager")
+        if impl != "ours-lightning":
+            _builder(impl)  # unknown names fail before anything runs
         compiled = args.compile and impl == name and impl != "transformers"  # transformers: eager, as it ships
         for mb in (int(x) for x in args.micro_batch.split(",")):
             for ga in (int(x) for x in args.grad_accum.split(",")):
                 if not impl.startswith("ours"):
                     out.append(Variant(impl, mb, ga, compiled, "autocast", "none"))
+                    continue
+                if impl == "ours-lightning":  # precision and optimizer come from --lightning-config
+                    out.extend(Variant(impl, mb, ga, compiled, "yaml", ac) for ac in args.ac.split(","))
                     continue
                 for precision in args.precision.split(","):
                     for ac in args.ac.split(","):
