@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
@@ -219,9 +220,15 @@ class DeepSeekV3LitModule(LightningModule):
         if gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+        wrapped = self.trainer.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:  # plain tensors or DTensors (FSDP2), whose norm torch reduces itself
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         self.log("grad_norm", norm)
 
     # ------------------------------------------------------------------ checkpoints
@@ -257,8 +264,8 @@ def check_compatible(saved: dict[str, Any] | None, config: DeepSeekV3Config) -> 
         raise ValueError(
             "the checkpoint's model has another shape than the configured one ("
             + "; ".join(diff)
-            + "). Use the config the checkpoint was trained with, or drop --model.* flags to take it from the "
-            "checkpoint."
+            + "). Use the model config the checkpoint was trained with, or leave model.preset/overrides out of the "
+            "config files and flags to take them from the checkpoint."
         )
 
 
@@ -276,9 +283,13 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str
     with torch.device("meta"):
         model = DeepSeekV3(config)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True)
+    model.to_empty(device=device)
+    model.load_state_dict(state)
+    # Non-persistent buffers are not in the checkpoint: the RoPE table and the (zeroed) load counters.
     model.freqs_cis = rope_freqs_cis(config, torch.device(device))
-    return model.to(device)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return model
 
 
 def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Any, int | None]:
