@@ -278,10 +278,19 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
 
     from lightning_modules import DeepSeekV3LitModule
 
+    def load(class_path: str) -> type:
+        module_name, cls_name = class_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module_name), cls_name)
+
     yaml_cfg = yaml.safe_load(Path(args.lightning_config).read_text())
     opt = yaml_cfg["model"]["optimizer"]
-    module_name, cls_name = opt["class_path"].rsplit(".", 1)
-    opt_cls, opt_kwargs = getattr(importlib.import_module(module_name), cls_name), opt.get("init_args", {})
+    opt_cls, opt_kwargs = load(opt["class_path"]), opt.get("init_args", {})
+    # The YAML's training callbacks (bias balancing, load monitor, throughput) run too; checkpointing does not.
+    callbacks = [
+        load(c["class_path"])(**c.get("init_args", {}))
+        for c in yaml_cfg["trainer"].get("callbacks", [])
+        if not c["class_path"].endswith("ModelCheckpoint")
+    ]
     if device.type != "cuda":
         opt_kwargs = {k: val for k, val in opt_kwargs.items() if k != "fused"}
     result, timer = Result(v), _Timer(device)
@@ -326,7 +335,7 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[StepTimer()],
+        callbacks=[*callbacks, StepTimer()],
     )
     trainer.fit(module, train_dataloaders=loader)
     times = timer.intervals_ms()[args.warmup :]
