@@ -106,10 +106,9 @@ def run(config: DeepSeekV3Config, batches: torch.Tensor, balance: bool, args: ar
     start = time.perf_counter()
     trainer.fit(module, torch.utils.data.DataLoader(list(batches.long()), batch_size=None))
     perf = [{k: round(v, 4) for k, v in r.items() if k.startswith("perf/")} for r in recorder.rows.values()]
+    seconds = time.perf_counter() - start
     name = "with" if balance else "without"
-    print(
-        f"{name} balancing: {len(batches)} steps in {time.perf_counter() - start:.0f} s; last {[p for p in perf if p][-1:]}"
-    )
+    print(f"{name} balancing: {len(batches)} steps in {seconds:.0f} s; last throughput {[p for p in perf if p][-1:]}")
     return recorder.rows
 
 
