@@ -8,6 +8,7 @@ complementary sequence-wise balance loss (``seq_aux_alpha``, 1e-4 by default) is
     python benchmarks/maxvio_curve.py                       # CPU or GPU, Shakespeare, writes docs/figures/
     python benchmarks/maxvio_curve.py --dump-batches b.pt   # tokenize once (needs `datasets`), then
     python benchmarks/maxvio_curve.py --batches b.pt        # train from the saved batches (e.g. on a GPU box)
+    python benchmarks/maxvio_curve.py --batches b.pt --batch-size 8 --seq-len 128 --steps 400 --parallel  # 2 CPUs
 
 Outputs: ``<out>/maxvio_tiny.csv`` (step, run, MaxVio mean/max over layers, per-layer MaxVio, losses) and
 ``<out>/maxvio_tiny.png``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import sys
 import time
@@ -112,6 +114,11 @@ def run(config: DeepSeekV3Config, batches: torch.Tensor, balance: bool, args: ar
     return recorder.rows
 
 
+def _run_one_thread(*args) -> dict:
+    torch.set_num_threads(1)
+    return run(*args)
+
+
 def write_csv(path: Path, results: dict[str, dict], layer_ids: list[int]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -169,12 +176,13 @@ def main() -> None:
     parser.add_argument("--data", choices=("shakespeare", "random"), default="shakespeare")
     parser.add_argument("--batches", type=Path, help="train on batches saved by --dump-batches")
     parser.add_argument("--dump-batches", type=Path, help="tokenize, save the batches here, and stop")
+    parser.add_argument("--parallel", action="store_true", help="run both trainings at once, one CPU thread each")
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
 
     vocab_size = DeepSeekV3Config.from_preset("tiny").vocab_size
     if args.batches is not None:
-        batches = torch.load(args.batches).long()[: args.steps]
+        batches = torch.load(args.batches).long()[: args.steps, : args.batch_size, : args.seq_len + 1]
     elif args.data == "shakespeare":
         batches = shakespeare_batches(args.steps, args.batch_size, args.seq_len, vocab_size)
     else:
@@ -186,7 +194,12 @@ def main() -> None:
         return
 
     config = DeepSeekV3Config.from_preset("tiny", max_position_embeddings=max(1024, args.seq_len))
-    results = {name: run(config, batches, name == RUNS[0], args) for name in RUNS}
+    if args.parallel:  # one process per run, one thread each (CPU)
+        with multiprocessing.get_context("fork").Pool(len(RUNS)) as pool:
+            rows = pool.starmap(_run_one_thread, [(config, batches, name == RUNS[0], args) for name in RUNS])
+        results = dict(zip(RUNS, rows, strict=True))
+    else:
+        results = {name: run(config, batches, name == RUNS[0], args) for name in RUNS}
     layer_ids = [i for i in range(config.num_hidden_layers + config.num_nextn_predict_layers) if config.is_moe_layer(i)]
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "maxvio_tiny.csv", results, layer_ids)
