@@ -137,7 +137,9 @@ def write_csv(path: Path, results: dict[str, dict], layer_ids: list[int]) -> Non
             for step in sorted(s for s in rows if "moe/max_vio" in rows[s]):
                 r = rows[step]
                 layers = [f"{r[f'moe/layer{i}/max_vio']:.4f}" for i in layer_ids]
-                losses = [f"{r.get(k, float('nan')):.4f}" for k in ("train/ce_loss", "train/balance_loss")]
+                # Lightning logs a batch's training_step values under the step count before its optimizer step.
+                logged = rows.get(step - 1, {})
+                losses = [f"{logged.get(k, float('nan')):.4f}" for k in ("train/ce_loss", "train/balance_loss")]
                 writer.writerow(
                     [name, step, f"{r['moe/max_vio']:.4f}", f"{r['moe/max_vio_max']:.4f}", *layers, *losses]
                 )
@@ -150,19 +152,34 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_vio, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in results.items():
+    for (name, rows), color in zip(results.items(), ("tab:blue", "tab:red"), strict=False):
         steps = sorted(s for s in rows if "moe/max_vio" in rows[s])
         label = name.replace("_", " ")
-        ax_vio.plot(steps, [rows[s]["moe/max_vio"] for s in steps], label=f"{label} (mean over layers)")
-        ax_vio.plot(steps, [rows[s]["moe/max_vio_max"] for s in steps], alpha=0.4, label=f"{label} (worst layer)")
-        loss_steps = [s for s in steps if "train/ce_loss" in rows[s]]
-        ax_loss.plot(loss_steps, [rows[s]["train/ce_loss"] for s in loss_steps], label=label)
+        ax_vio.plot(steps, [rows[s]["moe/max_vio"] for s in steps], color=color, label=f"{label} (mean over layers)")
+        worst = [rows[s]["moe/max_vio_max"] for s in steps]
+        ax_vio.plot(steps, worst, color=color, alpha=0.3, label=f"{label} (worst layer)")
+        loss_steps = [s for s in steps if s - 1 in rows and "train/ce_loss" in rows[s - 1]]
+        ax_loss.plot(loss_steps, [rows[s - 1]["train/ce_loss"] for s in loss_steps], color=color, label=label)
     ax_vio.set(xlabel="optimizer step", ylabel="MaxVio of the global batch", yscale="log", title=title)
     ax_loss.set(xlabel="optimizer step", ylabel="train cross-entropy", title="next-token loss")
     ax_vio.legend(fontsize=8)
     ax_loss.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    """The results dict of a CSV written by ``write_csv`` (to re-plot without training)."""
+    results: dict[str, dict] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            rows = results.setdefault(row["run"], {})
+            step = int(row["step"])
+            rows.setdefault(step, {}).update(
+                {"moe/max_vio": float(row["max_vio"]), "moe/max_vio_max": float(row["max_vio_max"])}
+            )
+            rows.setdefault(step - 1, {})["train/ce_loss"] = float(row["ce_loss"])
+    return results
 
 
 def main() -> None:
@@ -177,9 +194,14 @@ def main() -> None:
     parser.add_argument("--batches", type=Path, help="train on batches saved by --dump-batches")
     parser.add_argument("--dump-batches", type=Path, help="tokenize, save the batches here, and stop")
     parser.add_argument("--parallel", action="store_true", help="run both trainings at once, one CPU thread each")
+    parser.add_argument("--plot-csv", type=Path, help="only re-plot this CSV (to --out/maxvio_tiny.png)")
+    parser.add_argument("--title", default=None, help="plot title (default: the run's shape and device)")
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
 
+    if args.plot_csv is not None:
+        plot(args.out / "maxvio_tiny.png", read_csv(args.plot_csv), args.title or "tiny preset")
+        return
     vocab_size = DeepSeekV3Config.from_preset("tiny").vocab_size
     if args.batches is not None:
         batches = torch.load(args.batches).long()[: args.steps, : args.batch_size, : args.seq_len + 1]
@@ -204,7 +226,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "maxvio_tiny.csv", results, layer_ids)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    title = f"tiny preset, {batches.shape[1]}x{batches.shape[2] - 1} tokens/step, gamma={args.gamma}, {device}"
+    title = (
+        args.title
+        or f"tiny preset, {batches.shape[1]}x{batches.shape[2] - 1} tokens/step, gamma={args.gamma}, {device}"
+    )
     plot(args.out / "maxvio_tiny.png", results, title)
     for name, rows in results.items():
         marks = [s for s in (1, 50, 100, 200, 300, 500, 750, 1000) if s in rows and "moe/max_vio" in rows[s]]
