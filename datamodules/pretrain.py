@@ -264,7 +264,9 @@ class PretrainDataModule(L.LightningDataModule):
                     f"this run has {field}={value!r}. Document positions depend on it; resume with the same value "
                     f"(num_streams is max(1, num_workers))."
                 )
-        rank = self.data_parallel()[0]
+        rank, saved = self.data_parallel()[0], sorted(state_dict["ranks"])
+        if rank not in saved:
+            raise ValueError(f"Cannot resume the data stream of rank={rank}: the checkpoint holds ranks {saved}.")
         self._state = StreamState.from_dict(state_dict["ranks"][rank])
         self._train_loader = None
 

@@ -83,6 +83,12 @@ def test_resume_with_other_workers_is_refused(make_dm):
         make_dm(num_workers=0).load_state_dict(state)
 
 
+def test_resume_of_a_rank_missing_from_the_state_is_refused(make_dm):
+    state = make_dm(rank=0, world_size=2).state_dict()  # explicit ranks are not gathered: rank 0 only
+    with pytest.raises(ValueError, match=r"rank=1.*\[0\]"):
+        make_dm(rank=1, world_size=2).load_state_dict(state)
+
+
 def test_resume_with_one_worker_matches_the_main_process(make_dm):
     """One worker reads the same single stream as none, so switching between them keeps the position."""
     dm = make_dm(num_workers=0)
