@@ -25,3 +25,27 @@ def test_671b_builds_on_meta():
     with torch.device("meta"):
         model = DeepSeekV3(config)
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
+
+
+def test_causality_and_mtp_alignment(tiny_config):
+    """Main logits at i see tokens <= i; MTP depth-1 logits at i (predicting t+2) see tokens <= i + 1."""
+    model = DeepSeekV3(tiny_config).eval()
+    tokens = torch.randint(0, tiny_config.vocab_size, (1, 13))
+    changed = tokens.clone()
+    j = 8
+    changed[0, j] = (changed[0, j] + 1) % tiny_config.vocab_size
+    with torch.no_grad():
+        a = model(tokens[:, :-1], labels=tokens[:, 1:])
+        b = model(changed[:, :-1], labels=changed[:, 1:])
+    torch.testing.assert_close(a.logits[:, :j], b.logits[:, :j])
+    assert not torch.allclose(a.logits[:, j], b.logits[:, j])
+    torch.testing.assert_close(a.mtp_logits[0][:, : j - 1], b.mtp_logits[0][:, : j - 1])
+    assert not torch.allclose(a.mtp_logits[0][:, j - 1], b.mtp_logits[0][:, j - 1])
+
+
+def test_mtp_loss_targets_two_ahead(tiny_config):
+    model = DeepSeekV3(tiny_config)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 11))
+    out = model(tokens[:, :-1], labels=tokens[:, 1:])
+    expected = torch.nn.functional.cross_entropy(out.mtp_logits[0].flatten(0, 1), tokens[:, 2:].flatten())
+    torch.testing.assert_close(out.mtp_loss, expected)
