@@ -1,0 +1,8 @@
+"""Lightning wiring: the DeepSeek-V3 LitModule, LR schedule, batch-size warm-up, atomic checkpoints, the dsv3 CLI."""
+
+from lightning_modules.batch_warmup import BatchSizeWarmup
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.module import DeepSeekV3LitModule
+from lightning_modules.schedule import WarmupStableCosineLR
+
+__all__ = ["AtomicCheckpointIO", "BatchSizeWarmup", "DeepSeekV3LitModule", "WarmupStableCosineLR"]

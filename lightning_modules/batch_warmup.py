@@ -1,0 +1,66 @@
+"""Batch-size warm-up as a ramp of gradient-accumulation steps.
+
+The report (section 4.2) raises the batch from 3072 to 15360 sequences over the first 469B tokens, then
+keeps it. Here the global batch is ``data.batch_size x devices x accumulation``; this callback ramps the
+accumulation linearly over optimizer steps from ``start`` to ``end`` micro-batches, then keeps ``end``.
+
+Lightning closes an accumulation window when its in-epoch batch counter is a multiple of
+``trainer.accumulate_grad_batches``, and scales each micro-batch loss by ``1 / accumulate_grad_batches``. So
+the callback only changes the value at a window boundary whose counter is a multiple of the new value: a change
+may wait a few steps, but windows are never cut short and every loss is scaled by its own window's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class BatchSizeWarmup(Callback):
+    """Ramp gradient accumulation from ``start`` to ``end`` micro-batches over ``ramp_steps`` optimizer steps.
+
+    Args:
+        start: Micro-batches per optimizer step at step 0 (report: 3072 sequences / micro-batch x devices).
+        end: Micro-batches per optimizer step after the ramp (report: 15360 sequences' worth).
+        ramp_steps: Optimizer steps over which the accumulation grows linearly (report: 469B tokens' worth).
+    """
+
+    def __init__(self, start: int = 1, end: int = 5, ramp_steps: int = 1000) -> None:
+        if start < 1 or end < start:
+            raise ValueError(f"BatchSizeWarmup needs 1 <= start <= end, got start={start}, end={end}")
+        if ramp_steps < 0:
+            raise ValueError(f"BatchSizeWarmup.ramp_steps must be >= 0, got {ramp_steps}")
+        self.start, self.end, self.ramp_steps = start, end, ramp_steps
+        self._current = start  # restored on resume, so a pending change waits for the same boundary
+
+    def target(self, step: int) -> int:
+        """Accumulation wanted at optimizer step ``step``."""
+        if step >= self.ramp_steps:
+            return self.end
+        return self.start + (self.end - self.start) * step // self.ramp_steps
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "BatchSizeWarmup sets the accumulation itself; leave trainer.accumulate_grad_batches at 1 "
+                f"(got {trainer.accumulate_grad_batches})"
+            )
+        trainer.accumulate_grad_batches = self._next(trainer, self._current)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # micro-batches done in this epoch
+        if done % trainer.accumulate_grad_batches == 0:  # a window starts with this batch
+            trainer.accumulate_grad_batches = self._next(trainer, trainer.accumulate_grad_batches)
+        self._current = trainer.accumulate_grad_batches
+
+    def _next(self, trainer: Trainer, current: int) -> int:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        wanted = self.target(trainer.global_step)
+        return wanted if done % wanted == 0 else current
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accumulation": self._current}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._current = state_dict["accumulation"]

@@ -1,0 +1,287 @@
+"""DeepSeekV3LitModule: wires the model, its losses, the optimizer, the LR schedule and the logging.
+
+The network is built in ``configure_model`` on the meta device and then materialised, so that a strategy
+(FSDP2, expert parallel, FP8) can transform it before any memory is spent. ``training_step`` stays thin:
+one forward, the loss the model returns, ``self.log`` of tensors (no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from models import DeepSeekV3, DeepSeekV3Config
+from models.rope import rope_freqs_cis
+
+# Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_nextn_predict_layers",
+    "tie_word_embeddings",
+)
+
+
+def build_config(
+    preset: str, overrides: dict[str, Any] | None = None, vocab_size: int | None = None
+) -> DeepSeekV3Config:
+    """The model config: a named preset, then ``overrides``, then the data's ``vocab_size`` (when linked)."""
+    overrides = dict(overrides or {})
+    if vocab_size is not None:
+        if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+            raise ValueError(
+                f"model.overrides.vocab_size={overrides['vocab_size']} disagrees with the tokenizer's vocab_size="
+                f"{vocab_size} (linked from data.vocab_size); remove vocab_size from model.overrides"
+            )
+        overrides["vocab_size"] = vocab_size
+    known = DeepSeekV3Config.from_preset(preset).to_dict()
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown keys {unknown} in model.overrides; valid keys are DeepSeekV3Config fields: {sorted(known)}"
+        )
+    return DeepSeekV3Config.from_preset(preset, **overrides)
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (ndim >= 2, incl. embeddings and stacked experts), none on 1-D params.
+
+    The decayed group carries no ``weight_decay`` key, so the optimizer's own (YAML) value applies to it.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class DeepSeekV3LitModule(LightningModule):
+    """Pretraining of a DeepSeek-V3-style MoE language model.
+
+    Args:
+        preset: Name of a ``DeepSeekV3Config`` preset (``tiny``, ``bench-1gpu``, ``moonlight-16b-a3b``,
+            ``deepseek-v3-671b``, ...).
+        overrides: ``DeepSeekV3Config`` fields to change on top of the preset, e.g. ``{hidden_size: 256}``.
+        vocab_size: Vocabulary size; the CLI links it from ``data.vocab_size`` (do not set it twice).
+        seq_len: Training sequence length; linked from ``data.seq_len``, checked against
+            ``max_position_embeddings``.
+        optimizer: Optimizer factory (LightningCLI injects it from the ``optimizer`` YAML key). Default: AdamW
+            with the report's betas (0.9, 0.95), eps 1e-8, weight decay 0.1, lr 2.2e-4.
+        lr_scheduler: LR scheduler factory, stepped every optimizer step (e.g. ``WarmupStableCosineLR``).
+            Default: constant LR.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        seq_len: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = build_config(preset, overrides, vocab_size)
+        if seq_len is not None and seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}; lower data.seq_len or set "
+                "model.overrides.max_position_embeddings"
+            )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # The resolved config, for TensorBoard's hparams tab and for tools reading a checkpoint.
+        self.hparams["model_config"] = self.config.to_dict()
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.model: DeepSeekV3 | None = None
+        self.tokens_seen = 0
+        self._val_sum: torch.Tensor | None = None
+        self._val_count: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Build the network on the meta device, then allocate it where the strategy puts tensors and init.
+
+        Idempotent: Lightning may call it more than once (fit after validate, ``load_from_checkpoint``).
+        """
+        if self.model is not None:
+            return
+        with torch.device("meta"):
+            model = DeepSeekV3(self.config)
+        # A parallelism/FP8 transform of the meta model hooks in here, before memory is allocated.
+        device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
+        model.to_empty(device=device)
+        model.init_weights(buffer_device=device)
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any):
+        """(B, S) token ids -> ``DeepSeekV3Output``."""
+        return self.model(input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
+        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/ce_loss", out.ce_loss)
+        if out.mtp_loss is not None:
+            self.log("train/mtp_loss", out.mtp_loss)
+        if out.balance_loss is not None:
+            self.log("train/balance_loss", out.balance_loss)
+        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return out.loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: torch.Tensor) -> None:
+        labels = batch[:, 1:]
+        out = self.model(batch[:, :-1], labels=labels, return_logits=False)
+        n = (labels != -100).sum()
+        if self._val_sum is None:
+            self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+            self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_sum += out.ce_loss.detach().double() * n  # token-weighted mean over the whole split
+        self._val_count += n
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = self._val_count = None
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", hp_metric=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", hp_metric=False)
+
+    def _log_eval(self, stage: str, hp_metric: bool) -> None:
+        if self._val_sum is None:
+            return
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
+        loss = (total[0] / total[1].clamp_min(1)).float()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", loss.exp())
+        if hp_metric:
+            self.log("hp_metric", loss)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.model)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(groups, lr=2.2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Log ``grad_norm`` (total L2 norm before clipping) and clip by norm, computing the norm once."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        max_norm = gradient_clip_val if gradient_clip_val else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+        self.log("grad_norm", norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_config"] = self.config.to_dict()
+        checkpoint["tokens_seen"] = self.tokens_seen
+        # The tokenizer travels with the weights, so `dsv3 generate` needs nothing but the checkpoint.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = _tokenizer_json(getattr(datamodule, "tokenizer", None))
+        if tokenizer is not None:
+            checkpoint["tokenizer"] = tokenizer
+            checkpoint["eos_token_id"] = getattr(datamodule, "eos_token_id", None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint.get("model_config"), self.config)
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+def check_compatible(saved: dict[str, Any] | None, config: DeepSeekV3Config) -> None:
+    """Raise a ``ValueError`` naming every shape field where a checkpoint's model differs from ``config``."""
+    if saved is None:
+        return
+    diff = [
+        f"{k}: checkpoint {saved[k]!r}, config {getattr(config, k)!r}"
+        for k in SHAPE_FIELDS
+        if k in saved and saved[k] != getattr(config, k)
+    ]
+    if diff:
+        raise ValueError(
+            "the checkpoint's model has another shape than the configured one ("
+            + "; ".join(diff)
+            + "). Use the config the checkpoint was trained with, or drop --model.* flags to take it from the "
+            "checkpoint."
+        )
+
+
+def _tokenizer_json(tokenizer: Any) -> str | None:
+    """A ``tokenizers.Tokenizer`` (or a transformers fast tokenizer's backend) as JSON; None otherwise."""
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return tokenizer.to_str() if hasattr(tokenizer, "to_str") else None
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> DeepSeekV3:
+    """The ``DeepSeekV3`` stored in a checkpoint written by this module (or ``checkpoint_from_model``)."""
+    if "model_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError("not a dsv3 checkpoint: it lacks 'model_config'/'state_dict' (was it written by dsv3 fit?)")
+    config = DeepSeekV3Config.from_dict(checkpoint["model_config"])
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state, assign=True)
+    model.freqs_cis = rope_freqs_cis(config, torch.device(device))
+    return model.to(device)
+
+
+def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Any, int | None]:
+    """(``tokenizers.Tokenizer``, EOS id) saved in a checkpoint by ``fit``."""
+    if "tokenizer" not in checkpoint:
+        raise ValueError("this checkpoint carries no tokenizer (it was not written by dsv3 fit with a datamodule)")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(checkpoint["tokenizer"]), checkpoint.get("eos_token_id")
+
+
+def checkpoint_from_model(model: DeepSeekV3) -> dict[str, Any]:
+    """A Lightning checkpoint holding ``model`` (weights and config, no optimizer): for validate/test/generate."""
+    import lightning
+
+    config = model.config.to_dict()
+    return {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"preset": "deepseek-v3-671b", "overrides": config, "model_config": config},
+        "model_config": config,
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }
