@@ -331,7 +331,8 @@ def _select_item(items: list[dict[str, Any]], selector: str, key: str) -> dict[s
         if int(selector) >= len(items):
             raise ValueError(f"{key}: index {selector} is past the {len(items)} items the base configs define")
         return items[int(selector)]
-    hits = [item for item in items if selector in (item["class_path"], item["class_path"].rsplit(".", 1)[-1])]
+    name = selector.rsplit(".", 1)[-1]  # by class name: configs may spell the path short (callbacks.X) or long
+    hits = [item for item in items if item["class_path"].rsplit(".", 1)[-1] == name]
     if len(hits) > 1:
         raise ValueError(f"{key}: {len(hits)} items are {selector}; select one by index, e.g. [0]")
     if hits:
@@ -570,9 +571,9 @@ class SweepRunner:
 
     def run(self) -> int:
         """Run the unfinished trials; 0 if every trial completed (or was pruned), 1 if some failed, 130 on Ctrl-C."""
+        self.trials = self.plan()
         self.cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.sweep_dir / "sweep.yaml").write_text(self.cfg.to_yaml())
-        self.trials = self.plan()
         todo = iter([t for t in self.trials if t.status not in FINISHED])
         skipped = sum(t.status in FINISHED for t in self.trials)
         if skipped:
@@ -856,11 +857,10 @@ def main(argv: list[str] | None = None) -> int:
             for index, params in enumerate(trials):
                 print(" ".join(trial_command(cfg, Trial(index, params))))
             return 0
-        runner = SweepRunner(cfg)
+        return SweepRunner(cfg).run()
     except (ValueError, FileNotFoundError) as err:
         print(f"dsv3 sweep: error: {err}", file=sys.stderr)
         return 2
-    return runner.run()
 
 
 def _first(p: Param) -> Any:
