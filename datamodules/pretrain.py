@@ -1,0 +1,321 @@
+"""``PretrainDataModule``: streaming pretraining data for the LightningCLI (``--data.*`` arguments).
+
+HF dataset (streamed) -> documents sharded over (rank, worker) -> tokenizer (+ EOS, optional FIM) -> packed
+``(B, S+1)`` int64 batches, with the stream position saved in checkpoints for an exact resume. ``docs/data.md``
+is the user's guide.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from tokenizers import Tokenizer
+
+from datamodules.corpus import shakespeare_data_files
+from datamodules.documents import DocumentSource, is_held_out, iter_documents
+from datamodules.encoding import DocumentEncoder
+from datamodules.resumable import ResumableLoader, StreamState
+from datamodules.stream import PackedStream, StreamSpec
+from datamodules.tokenizer import SPECIAL_TOKENS, cached_bpe, eos_token_id, fim_token_ids, load_tokenizer
+from datamodules.validation import FixedBatches, validation_batches
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Pretraining batches from any Hugging Face dataset, streamed; by default the bundled Shakespeare corpus.
+
+    Batches are ``int64`` tensors of shape ``(batch_size, seq_len + 1)``: inputs ``[:, :-1]``, labels ``[:, 1:]``.
+    Training data is an endless stream (set ``max_steps``); validation is a fixed held-out set of ``val_batches``.
+
+    Args:
+        path: a Hub dataset id or a builder name (``text``, ``json``, ``parquet``, ...); with ``"text"`` and no
+            ``data_files``, the bundled Shakespeare plays.
+        name: the dataset configuration (e.g. ``sample-10BT``).
+        data_files: files for a builder (a glob, a list, or a ``{split: files}`` mapping).
+        split: the training split.
+        val_split: a separate validation split; with neither this nor ``val_fraction``, no validation (except for
+            the default corpus, which holds out Hamlet, The Tempest and Twelfth Night as ``"validation"``).
+        val_fraction: hold out this fraction of the training split's documents (chosen by content hash) for
+            validation, when the dataset has a single split.
+        text_column: the column holding the text.
+        tokenizer: a ``tokenizer.json`` path, a directory with one, or a Hub id; ``None`` trains (once, cached) a
+            byte-level BPE of ``vocab_size`` tokens on the default corpus.
+        vocab_size: the size of the default BPE; ignored when ``tokenizer`` is given.
+        seq_len: tokens of context per example (S); windows hold S + 1 tokens.
+        batch_size: examples per batch, per data-parallel rank (B).
+        num_workers: DataLoader worker processes for training data; the resume state is tied to this number.
+        shuffle_buffer: documents in the shuffle buffer (also shuffles file order); 0 keeps the dataset order.
+        seed: seed for shuffling and FIM.
+        fim_rate: fraction of training documents rearranged for Fill-in-Middle (the report uses 0.1).
+        val_batches: validation batches over all ranks (rounded up to a multiple of the world size).
+        eos_token: the end-of-document token, when it cannot be found from the tokenizer's config.
+        load_kwargs: extra ``load_dataset`` keyword arguments; the ``text`` builder gets ``sample_by="document"``
+            (one document per file) and ``encoding_errors="replace"`` unless given here.
+        rank: the data-parallel rank, overriding the trainer's (tests, custom meshes); give ``world_size`` too.
+        world_size: the data-parallel world size, overriding the trainer's.
+    """
+
+    def __init__(
+        self,
+        path: str = "text",
+        name: str | None = None,
+        data_files: str | list[str] | dict | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
+        text_column: str = "text",
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        fim_rate: float = 0.0,
+        val_batches: int = 16,
+        eos_token: str | None = None,
+        load_kwargs: dict | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_args(locals())
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        kwargs = dict(load_kwargs or {})
+        if path == "text":
+            kwargs.setdefault("sample_by", "document")
+            kwargs.setdefault("encoding_errors", "replace")
+        if path == "text" and data_files is None:  # the bundled corpus: only its files are filled in
+            data_files = shakespeare_data_files(hold_out=not val_fraction)
+            val_split = val_split or (None if val_fraction else "validation")
+        self.train_source = DocumentSource(path, name, split, data_files, text_column, kwargs)
+        self.val_source = None
+        if val_split is not None or val_fraction > 0:
+            self.val_source = DocumentSource(path, name, val_split or split, data_files, text_column, kwargs)
+        if tokenizer is None:
+            files = shakespeare_data_files(hold_out=True)["train"]
+            self._tokenizer = cached_bpe([Path(f) for f in files], vocab_size, name="shakespeare")
+        else:
+            self._tokenizer = load_tokenizer(tokenizer)
+        self._eos_id = eos_token_id(self._tokenizer, tokenizer, eos_token)
+        self._fim_ids = fim_token_ids(self._tokenizer, add_missing=fim_rate > 0)
+        self._train_dataset = None
+        self._train_loader: ResumableLoader | None = None
+        self._state: StreamState | None = None
+        self._val_batches: list[torch.Tensor] | None = None
+
+    # ---- tokenizer, for the model config and the CLI's sampling ----
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The ``tokenizers.Tokenizer`` in use."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's real vocabulary size, special tokens included (size the embedding with this)."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int:
+        """The id appended after every document."""
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, no special tokens added."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens skipped)."""
+        return self._tokenizer.decode(list(ids))
+
+    # ---- data ----
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the training split (lazily streamed; nothing is downloaded here)."""
+        if self._train_dataset is None:
+            self._train_dataset = self.train_source.load()
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Endless training batches ``(B, S+1)`` of this rank, continuing from the last consumed batch."""
+        self.setup("fit")
+        rank, world_size = self.data_parallel()
+        num_streams = max(1, self.num_workers)
+        if self._state is None:
+            self._state = StreamState.fresh(num_streams)
+        spec = StreamSpec(
+            source=self.train_source,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            rank=rank,
+            world_size=world_size,
+            num_streams=num_streams,
+            seed=self.hparams.seed,
+            shuffle_buffer=self.hparams.shuffle_buffer,
+            val_fraction=self.hparams.val_fraction,
+        )
+        encoder = DocumentEncoder(
+            self._tokenizer, self._eos_id, self.hparams.fim_rate, self._fim_ids, self.hparams.seed
+        )
+        dataset = self._train_dataset
+
+        def make_stream(state: StreamState) -> PackedStream:
+            return PackedStream(spec, dataset, encoder, list(state.positions), state.next_stream)
+
+        self._train_loader = ResumableLoader(
+            make_stream,
+            self.num_workers,
+            self._state,
+            auto_commit=self.trainer is None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        return self._train_loader
+
+    def val_dataloader(self) -> FixedBatches:
+        """This rank's share of the fixed validation batches ``(B, S+1)`` (empty when there is no validation)."""
+        if self._val_batches is None:
+            self._val_batches = self._build_val_batches()
+        return FixedBatches(self._val_batches)
+
+    def _build_val_batches(self) -> list[torch.Tensor]:
+        if self.val_source is None or self.hparams.val_batches == 0:
+            return []
+        documents = iter_documents(self.val_source, self.val_source.load())
+        fraction = self.hparams.val_fraction
+        if fraction > 0:
+            documents = (text for text in documents if is_held_out(text, fraction))
+        rank, world_size = self.data_parallel()
+        return validation_batches(
+            documents,
+            DocumentEncoder(self._tokenizer, self._eos_id),
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            num_batches=self.hparams.val_batches,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def data_parallel(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of data parallelism: the explicit override, else the trainer's, else ``(0, 1)``.
+
+        The trainer's comes from ``distributed_sampler_kwargs``, which Lightning strategies set to the
+        data-parallel group (the whole world for DDP/FSDP; the ``data_parallel`` mesh dimension for
+        ``ModelParallelStrategy``, so tensor-parallel peers read the same data).
+        """
+        if self.hparams.world_size is not None:
+            return self.hparams.rank, self.hparams.world_size
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        kwargs = trainer.distributed_sampler_kwargs
+        if kwargs:
+            return kwargs["rank"], kwargs["num_replicas"]
+        return trainer.global_rank, trainer.world_size
+
+    # ---- exact resume ----
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as consumed: the training loop calls this once per batch it uses."""
+        trainer = self.trainer
+        if self._train_loader is not None and trainer is not None and trainer.training:
+            self._train_loader.commit(batch)
+        model = trainer.lightning_module if trainer is not None else None
+        if model is not None and is_overridden("on_before_batch_transfer", model):
+            batch = model.on_before_batch_transfer(batch, dataloader_idx)  # Lightning calls only one of the two
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position after the last consumed batch, for every data-parallel rank."""
+        rank, world_size = self.data_parallel()
+        local = self._state or StreamState.fresh(max(1, self.num_workers))
+        return {
+            "version": _STATE_VERSION,
+            **self._layout(world_size),
+            "ranks": {r: state.to_dict() for r, state in self._gather(rank, world_size, local).items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream from a checkpoint (Lightning calls this after ``setup``).
+
+        Raises:
+            ValueError: the checkpoint was written with another data layout (world size, workers, seed, shuffle,
+                tokenizer), with which its positions mean different documents.
+        """
+        if not state_dict:
+            return
+        layout = self._layout(self.data_parallel()[1])
+        if state_dict.get("source") != layout["source"]:
+            log.warning(
+                "The checkpoint's data position is for %s, this run reads %s: starting the data stream afresh.",
+                state_dict.get("source"),
+                layout["source"],
+            )
+            return
+        for field, value in layout.items():
+            if state_dict.get(field) != value:
+                raise ValueError(
+                    f"Cannot resume the data stream: the checkpoint was saved with {field}={state_dict.get(field)!r}, "
+                    f"this run has {field}={value!r}. Document positions depend on it; resume with the same value "
+                    f"(num_streams is max(1, num_workers))."
+                )
+        rank = self.data_parallel()[0]
+        self._state = StreamState.from_dict(state_dict["ranks"][rank])
+        self._train_loader = None
+
+    def _layout(self, world_size: int) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "source": repr((hp.path, hp.name, hp.split, hp.data_files, hp.text_column)),
+            "world_size": world_size,
+            "num_streams": max(1, self.num_workers),
+            "seed": hp.seed,
+            "shuffle_buffer": hp.shuffle_buffer,
+            "vocab_size": self.vocab_size,
+        }
+
+    def _gather(self, rank: int, world_size: int, local: StreamState) -> dict[int, StreamState]:
+        """Every rank's state (checkpoints are written by rank 0 only), via the strategy's all-gather."""
+        trainer = self.trainer
+        if world_size == 1 or trainer is None or self.hparams.world_size is not None or trainer.world_size == 1:
+            return {rank: local}
+        row = torch.cat([torch.tensor([rank]), local.to_tensor()]).to(trainer.strategy.root_device)
+        rows = trainer.strategy.all_gather(row).reshape(-1, row.numel()).cpu()
+        return {int(r[0]): StreamState.from_tensor(r[1:]) for r in rows}
+
+
+def _check_args(args: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first bad argument and how to fix it."""
+    world_size, rank = args["world_size"], args["rank"]
+    checks = [
+        ("seq_len", args["seq_len"] >= 1, "must be >= 1"),
+        ("batch_size", args["batch_size"] >= 1, "must be >= 1"),
+        ("num_workers", args["num_workers"] >= 0, "must be >= 0 (0 loads in the main process)"),
+        ("shuffle_buffer", args["shuffle_buffer"] >= 0, "must be >= 0 (0 disables shuffling)"),
+        ("val_batches", args["val_batches"] >= 0, "must be >= 0 (0 disables validation)"),
+        ("fim_rate", 0.0 <= args["fim_rate"] <= 1.0, "must be in [0, 1] (the DeepSeek-V3 report uses 0.1)"),
+        ("val_fraction", 0.0 <= args["val_fraction"] < 1.0, "must be in [0, 1) (0 disables the held-out fraction)"),
+        (
+            "vocab_size",
+            args["vocab_size"] > 256 + len(SPECIAL_TOKENS),
+            f"must exceed the 256 byte symbols plus {len(SPECIAL_TOKENS)} special tokens (try 4096)",
+        ),
+        (
+            "val_fraction",
+            not (args["val_split"] and args["val_fraction"] > 0),
+            f"and val_split={args['val_split']!r} are alternatives; set only one",
+        ),
+        ("rank", (rank is None) == (world_size is None), f"and world_size={world_size!r} must be given together"),
+        ("rank", world_size is None or 0 <= rank < world_size, f"must be in [0, world_size={world_size})"),
+    ]
+    for field, ok, fix in checks:
+        if not ok:
+            raise ValueError(f"{field}={args[field]!r} {fix}.")
