@@ -1,0 +1,110 @@
+"""Auxiliary-loss-free load balancing: the expert-bias update of section 2.1.2 of the DeepSeek-V3 report.
+
+Shapes: L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks import moe_stats
+from models.moe import MoE
+
+
+def bias_update(counts_LE: torch.Tensor, gamma: float | torch.Tensor, center: bool = False) -> torch.Tensor:
+    """The report's update: b_i += gamma * sign(mean load - load_i), per layer.
+
+    Overloaded experts get a lower bias (chosen less), underloaded ones a higher bias.
+
+    Args:
+        counts_LE: (L, E) tokens routed to each expert over one global batch.
+        gamma: Bias update speed (report: 0.001).
+        center: Subtract each layer's mean update so that the biases of a layer keep summing to their start.
+
+    Returns:
+        (L, E) float32 increment.
+    """
+    counts_LE = counts_LE.float()
+    delta_LE = torch.sign(counts_LE.mean(dim=1, keepdim=True) - counts_LE)
+    if center:
+        delta_LE = delta_LE - delta_LE.mean(dim=1, keepdim=True)
+    return gamma * delta_LE
+
+
+class ExpertBiasBalancing(Callback):
+    """Move every MoE gate's ``e_score_correction_bias`` after each optimizer step (aux-loss-free balancing).
+
+    After each optimizer step (once per gradient-accumulation cycle) the per-expert token counts of all MoE
+    layers are summed over every rank with one all-reduce (shared with ``MoELoadMonitor``, see
+    ``callbacks.moe_stats``), the biases move by ``gamma * sign(mean_load - load_i)`` in float32, and the
+    counts are reset. The biases are persistent buffers of the model, so checkpoints carry them; the tokens
+    seen (for ``freeze_after_tokens``) are this callback's state. No host synchronisation per step.
+
+    Args:
+        gamma: Bias update speed gamma (report: 0.001).
+        freeze_after_tokens: Stop updating (gamma = 0) once this many training tokens have been seen, as the
+            report does for its last 500B tokens; ``None`` never freezes.
+        center: Mean-centre each layer's update (the report does not).
+    """
+
+    def __init__(self, gamma: float = 1e-3, freeze_after_tokens: int | None = None, center: bool = False) -> None:
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0 (report: 0.001), got {gamma}")
+        if freeze_after_tokens is not None and freeze_after_tokens < 0:
+            raise ValueError(f"freeze_after_tokens must be >= 0 or None (never freeze), got {freeze_after_tokens}")
+        self.gamma = gamma
+        self.freeze_after_tokens = freeze_after_tokens
+        self.center = center
+        self.tokens_seen: torch.Tensor | int = 0  # a device tensor while training: no per-step .item()
+        self.num_updates = 0
+        self._tracker = moe_stats.OptimizerStepTracker()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._tracker.reset(trainer)
+        moe_stats.clear(pl_module)
+        for _, moe in moe_stats.moe_layers(pl_module):
+            if moe.gate.e_score_correction_bias.dtype != torch.float32:
+                rank_zero_warn(
+                    f"e_score_correction_bias is {moe.gate.e_score_correction_bias.dtype}, not float32: bias steps of "
+                    f"gamma={self.gamma} may round away. Keep the gate buffers in float32 (use mixed precision, "
+                    "not a *-true precision, or cast them back in configure_model)."
+                )
+                break
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._tracker.stepped(trainer):
+            return
+        loads = moe_stats.step_loads(trainer, pl_module)
+        layers = [moe for _, moe in moe_stats.moe_layers(pl_module)]
+        self.update(layers, loads.counts_LE)
+
+    @torch.no_grad()
+    def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor) -> None:
+        """Apply one bias update from the global (L, E) counts of a step, and count its tokens.
+
+        The step's tokens are read from the first layer (each token is routed to K experts there).
+        """
+        tokens_before = self.tokens_seen
+        self.tokens_seen = tokens_before + counts_LE[0].double().sum() / moe_layers[0].gate.top_k
+        gamma = self.gamma
+        if self.freeze_after_tokens is not None:
+            active = torch.as_tensor(tokens_before, device=counts_LE.device) < self.freeze_after_tokens
+            gamma = active.float() * self.gamma
+        delta_LE = bias_update(counts_LE, gamma, self.center)
+        for moe, delta_E in zip(moe_layers, delta_LE, strict=True):
+            bias = moe.gate.e_score_correction_bias
+            bias.copy_(bias.float() + delta_E)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": int(round(float(self.tokens_seen))), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+        self.num_updates = int(state_dict["num_updates"])
