@@ -364,11 +364,11 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
     flags = resolve_list_flags(cfg.configs, {**cfg.overrides, **trial.params})
     for key, value in {**flags, **logger}.items():
         cmd.append(f"--{key}={format_value(value)}")
-    hparams = {"class_path": f"{__name__}.SweepHParams", "init_args": {"params": trial.params}}
+    hparams = {"class_path": "lightning_modules.sweep.SweepHParams", "init_args": {"params": trial.params}}
     cmd.append(f"--trainer.callbacks+={json.dumps(hparams)}")
     if trial.optuna_trial is not None and cfg.pruner.get("type", "median") != "none":
         pruning = {
-            "class_path": f"{__name__}.OptunaPruning",
+            "class_path": "lightning_modules.sweep.OptunaPruning",
             "init_args": {
                 "storage": str(cfg.sweep_dir / "optuna.journal"),
                 "study_name": cfg.name,
@@ -766,7 +766,7 @@ class SweepHParams(Callback):
         if stage != "fit" or not trainer.loggers:
             return
         hparams = dict(trainer.datamodule.hparams_initial) if trainer.datamodule is not None else {}
-        hparams.update(pl_module.hparams_initial)
+        hparams.update(pl_module.hparams)  # incl. what the module adds after save_hyperparameters
         hparams.update(self.params)
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
