@@ -315,6 +315,25 @@ def test_tpe_sweep_records_trials_in_the_study(tmp_path):
     assert len(optuna.load_study(study_name="demo", storage=storage).trials) == 3
 
 
+def test_tpe_reruns_failed_trials_with_their_parameters(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    overrides = {"fake.fail_if_env": "FAKE_FAIL"}
+    space = {LR: {"loguniform": [1.0e-4, 1.0e-1]}}
+    path = write_sweep(tmp_path, method="tpe", num_trials=2, base={"overrides": overrides}, space=space)
+    monkeypatch.setenv("FAKE_FAIL", "1")
+    assert sweep.main(["--config", str(path)]) == 1
+    sweep_dir = tmp_path / "runs" / "demo"
+    failed = results(sweep_dir)
+    monkeypatch.delenv("FAKE_FAIL")
+    assert sweep.main(["--config", str(path)]) == 0
+    rerun = results(sweep_dir)
+    assert {t: r["params"] for t, r in rerun.items()} == {t: r["params"] for t, r in failed.items()}
+    assert all(r["status"] == "completed" for r in rerun.values())
+    study = optuna.load_study(study_name="demo", storage=journal_storage(sweep_dir / "optuna.journal"))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # every attempt is kept in the study
+
+
 def test_optuna_pruning_callback_stops_a_bad_run(tmp_path):
     optuna = pytest.importorskip("optuna")
     import torch
