@@ -226,6 +226,7 @@ COMMANDS = {"generate": generate_main, "convert": convert_main, "sweep": sweep_m
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit status."""
+    cli_args = None if argv is None else list(argv)  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
-        DSV3CLI(args=argv)
+        DSV3CLI(args=cli_args)
     except (UserError, ValueError, FileNotFoundError) as err:
         if os.environ.get("DSV3_TRACEBACK"):
             raise

@@ -105,8 +105,9 @@ class DeepSeekV3LitModule(LightningModule):
                 f"{self.config.max_position_embeddings}; lower data.seq_len or set "
                 "model.overrides.max_position_embeddings"
             )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        # The resolved config, for TensorBoard's hparams tab and for tools reading a checkpoint.
+        # vocab_size/seq_len are the datamodule's hyperparameters (Lightning refuses two different values
+        # under one name); the resolved config carries the model's, for TensorBoard and checkpoint readers.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len"])
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
@@ -222,7 +223,11 @@ class DeepSeekV3LitModule(LightningModule):
             checkpoint["eos_token_id"] = getattr(datamodule, "eos_token_id", None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_compatible(checkpoint.get("model_config"), self.config)
+        saved = checkpoint.get("model_config")
+        if self.model is None and saved is not None:
+            # load_from_checkpoint: the model is built after this hook, exactly as it was saved.
+            self.config = DeepSeekV3Config.from_dict(saved)
+        check_compatible(saved, self.config)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
 
 

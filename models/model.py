@@ -14,6 +14,7 @@ from torch import nn
 
 from models.attention import MLA, RMSNorm
 from models.config import DeepSeekV3Config
+from models.kv_cache import ExpandedLayerCache, LatentLayerCache, MLACache
 from models.moe import MLP, MoE
 from models.rope import rope_freqs_cis
 
@@ -51,10 +52,18 @@ class Block(nn.Module):
         self.ffn = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentLayerCache | ExpandedLayerCache | None = None,
+        start_pos: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S, D) -> (B, S, D), and this block's balance loss (None for dense blocks or when off)."""
-        h = h + self.attn(self.attn_norm(h), cos, sin)
+        """(B, S, D) -> (B, S, D), and this block's balance loss (None for dense blocks or when off).
+
+        ``cache``/``start_pos`` are for inference (``DeepSeekV3.decode``); training passes neither.
+        """
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache, start_pos)
         if isinstance(self.ffn, MoE):
             out, aux = self.ffn(self.ffn_norm(h))
             return h + out, aux
@@ -116,6 +125,8 @@ class DeepSeekV3(nn.Module):
         Args:
             buffer_device: Where to build the RoPE table (default: where it is now).
         """
+        if self.config.tie_word_embeddings:  # to_empty() (meta init) gives each module a new Parameter: re-tie
+            self.head.weight = self.embed.weight
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -174,6 +185,41 @@ class DeepSeekV3(nn.Module):
             out.balance_loss = torch.stack(aux_losses).sum()
             out.loss = out.loss + out.balance_loss
         return out
+
+    def decode(self, input_ids: torch.Tensor, cache: MLACache, last_only: bool = False) -> torch.Tensor:
+        """Cached forward for inference: the tokens continue the cached sequence at position ``cache.seq_len``.
+
+        Their cache entries are written and ``cache.seq_len`` advances by S. Prefill with the whole prompt,
+        then feed one token at a time. The MTP modules are not run. Call it in eval mode (training mode would
+        count the routed tokens in ``tokens_per_expert``) and under ``torch.inference_mode()``.
+
+        Args:
+            input_ids: (B, S) token ids, B = cache.batch_size.
+            cache: An ``MLACache`` built for this model's config.
+            last_only: Return the logits of the last position only, (B, 1, V).
+
+        Returns:
+            (B, S, V) logits (float in the model's dtype).
+        """
+        bsz, seqlen = input_ids.shape
+        start_pos = cache.seq_len
+        if bsz != cache.batch_size or len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"cache built for batch {cache.batch_size} and {len(cache.layers)} layers, got batch {bsz} and a "
+                f"{len(self.layers)}-layer model; build MLACache(model.config, batch_size={bsz}, ...)"
+            )
+        if start_pos + seqlen > cache.max_len:
+            raise ValueError(
+                f"cache max_len={cache.max_len} is too short for {start_pos} cached + {seqlen} new tokens; enlarge it"
+            )
+        cos, sin = self._rope(seqlen, start_pos)
+        h = self.embed(input_ids)  # (B, S, D)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            h, _ = layer(h, cos, sin, layer_cache, start_pos)
+        cache.seq_len = start_pos + seqlen
+        if last_only:
+            h = h[:, -1:]
+        return self.head(self.norm(h))  # (B, S, V)
 
     def _mtp_forward(
         self,

@@ -68,7 +68,8 @@ class Gate(nn.Module):
             choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).flatten(1)
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)
-        if self.norm_topk_prob and self.top_k > 1:
+        # Normalised at K = 1 too (weight 1): eq. (13) of the report, DeepSeek's inference code and transformers.
+        if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE
 
