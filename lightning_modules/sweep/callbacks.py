@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_modules.sweep.samplers import OPTUNA_MISSING, journal_storage, make_pruner
 
@@ -15,7 +17,9 @@ class SweepHParams(Callback):
 
     Swept flags such as the optimizer's ``lr`` or a callback's ``gamma`` are not LitModule hyperparameters.
     TensorBoard keeps the first hparams record of a run, so this writes the full set (module and datamodule
-    hyperparameters plus the swept values, under their flag names) in ``setup``, before Lightning's own.
+    hyperparameters plus the swept values, under their flag names) in ``setup``, before Lightning's own. The
+    record names ``hp_metric`` (NaN until the LitModule logs the validation loss): Lightning writes no record
+    at all when the logger has ``default_hp_metric: false`` and no metric is given.
 
     Args:
         params: The trial's swept values, ``{flag: value}``.
@@ -31,7 +35,10 @@ class SweepHParams(Callback):
         hparams.update(pl_module.hparams)  # incl. what the module adds after save_hyperparameters
         hparams.update(self.params)
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
+            else:
+                logger.log_hyperparams(hparams)
 
 
 class OptunaPruning(Callback):

@@ -57,7 +57,7 @@ def resolve_list_flags(configs: list[str], flags: dict[str, Any]) -> dict[str, A
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return {**plain, **lists}
+    return {**lists, **plain}  # whole lists first: a plain `trainer.callbacks.init_args.x` then edits the last item
 
 
 def _list_from_configs(configs: list[str], dotted: str) -> list[dict[str, Any]]:
@@ -95,8 +95,9 @@ def _select_item(items: list[dict[str, Any]], selector: str, key: str) -> dict[s
 def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
     """The ``dsv3 fit`` command line of a trial: base configs, fixed overrides, logger placement, swept values.
 
-    The TensorBoard logger is set explicitly (its other ``init_args`` in the base config are kept), and two
-    callbacks are appended: ``SweepHParams`` (swept values in the HParams tab) and, for TPE, ``OptunaPruning``.
+    The TensorBoard logger is set explicitly (its other ``init_args`` in the base config are kept), a
+    ``ModelCheckpoint`` of the base config writes into the trial directory, and two callbacks are appended:
+    ``SweepHParams`` (swept values in the HParams tab) and, for TPE, ``OptunaPruning``.
     """
     cmd = list(cfg.command)
     for path in cfg.configs:
@@ -107,7 +108,7 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
         "trainer.logger.init_args.name": cfg.name,
         "trainer.logger.init_args.version": trial.name,
     }
-    flags = resolve_list_flags(cfg.configs, {**cfg.overrides, **trial.params})
+    flags = resolve_list_flags(cfg.configs, {**_checkpoint_placement(cfg, trial), **cfg.overrides, **trial.params})
     for key, value in {**flags, **logger}.items():
         cmd.append(f"--{key}={format_value(value)}")
     hparams = {"class_path": "lightning_modules.sweep.callbacks.SweepHParams", "init_args": {"params": trial.params}}
@@ -125,6 +126,14 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
         }
         cmd.append(f"--trainer.callbacks+={json.dumps(pruning)}")
     return cmd
+
+
+def _checkpoint_placement(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
+    """A base config's fixed ``ModelCheckpoint.dirpath`` would make the trials overwrite each other's checkpoints."""
+    items = _list_from_configs(cfg.configs, "trainer.callbacks")
+    if sum(item["class_path"].rsplit(".", 1)[-1] == "ModelCheckpoint" for item in items) != 1:
+        return {}
+    return {"trainer.callbacks[ModelCheckpoint].init_args.dirpath": str(cfg.sweep_dir / trial.name / "checkpoints")}
 
 
 def read_metric(log_dir: Path, tag: str) -> tuple[float, int] | None:

@@ -22,6 +22,7 @@ import yaml
 from lightning_modules import sweep
 from lightning_modules.sweep import Param, SweepConfig, Trial, config, runner, trials
 from lightning_modules.sweep.samplers import journal_storage
+from tests.lightning_modules.conftest import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_fit.py"))]
@@ -178,6 +179,15 @@ def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
         trials.resolve_list_flags([str(base)], {"trainer.callbacks[Missing].init_args.x": 1})
     added = trials.resolve_list_flags([str(base)], {"trainer.callbacks[a.b.New].init_args.x": 1})["trainer.callbacks"]
     assert added[-1] == {"class_path": "a.b.New", "init_args": {"x": 1}}
+
+
+def test_each_trial_checkpoints_into_its_own_directory(tmp_path):
+    base = tmp_path / "fit.yaml"
+    base.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "lightning.ModelCheckpoint"}]}}))
+    cfg = SweepConfig(name="s", configs=[str(base)], out_dir="out", space=sweep.parse_space({LR: [1e-3]}))
+    cmd = trials.trial_command(cfg, Trial(7, {LR: 1e-5}))
+    checkpoint = json.loads(next(a for a in cmd if a.startswith("--trainer.callbacks=")).split("=", 1)[1])
+    assert checkpoint[0]["init_args"] == {"dirpath": "out/s/trial_007/checkpoints"}
 
 
 # ---------------------------------------------------------------------------------------------- runner (fake trials)
@@ -383,27 +393,51 @@ def test_missing_optuna_gives_a_clear_error(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------------------------- real dsv3 fit
 def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
-    """The shipped example, cut to 2 trials of a few steps, through the real ``dsv3 fit``; HParams show the sweep."""
+    """The shipped example, cut to 2 trials of 4 steps of a small model, through the real ``dsv3 fit``.
+
+    Checks the trials ran with their values (different LRs, different losses), the metric is the logged
+    ``val/loss``, the swept flags are in each run's HParams record, and checkpoints stay in the trial dirs.
+    """
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
     monkeypatch.chdir(ROOT)
     raw = yaml.load((ROOT / "configs/sweeps/tiny_lr.yaml").read_text(), Loader=config.YamlLoader)
-    raw["space"] = {key: values[:1] if i else values[:2] for i, (key, values) in enumerate(raw["space"].items())}
-    raw["base"]["overrides"].update({"trainer.max_steps": 4, "trainer.val_check_interval": 2})
+    lr_key, gamma_key = raw["space"]
+    raw["space"] = {lr_key: raw["space"][lr_key][:2], gamma_key: raw["space"][gamma_key][:1]}
+    small = {  # the CLI tests' small model and data (tests/lightning_modules/conftest.py)
+        "model.overrides": json.dumps(SMALL_MODEL),
+        "data.vocab_size": 1024,
+        "data.seq_len": 32,
+        "data.batch_size": 2,
+        "data.val_batches": 2,
+        "trainer.max_steps": 4,
+        "trainer.val_check_interval": 2,
+        "model.lr_scheduler.init_args.warmup_steps": 1,
+        "model.lr_scheduler.init_args.decay_start": 2,
+        "model.lr_scheduler.init_args.decay_steps": 2,
+        "trainer.enable_progress_bar": False,
+    }
+    raw["base"]["overrides"].update(small)
     raw.update(out_dir=str(tmp_path), parallel=2)
     path = tmp_path / "tiny_lr.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert sweep.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / raw["name"]
     done = results(sweep_dir)
-    assert len(done) == 2 and all(r["status"] == "completed" for r in done.values())
-    assert all(2.0 < r["value"] < 12.0 for r in done.values())  # a real cross-entropy, not a placeholder
+    assert sorted(done) == ["trial_000", "trial_001"]
+    assert all(r["status"] == "completed" for r in done.values())
+    assert {r["params"][lr_key] for r in done.values()} == set(raw["space"][lr_key])
+    assert done["trial_000"]["value"] != done["trial_001"]["value"]  # the LR reached the optimizer
+    assert all(math.log(100) < r["value"] < math.log(1024) + 1 for r in done.values())  # a real cross-entropy
     for name, r in done.items():
         acc = EventAccumulator(str(sweep_dir / name))
         acc.Reload()
+        assert acc.Tensors("val/loss")[-1].step == r["step"]
+        assert acc.Tensors("hp_metric")[-1].tensor_proto.float_val[0] == pytest.approx(r["value"])
         content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
         logged = metadata.parse_session_start_info_plugin_data(content).hparams
         for key, value in r["params"].items():  # the swept flags, under their names, in the HParams tab
             assert logged[key].number_value == pytest.approx(value), key
-        assert "hp_metric" in acc.Tags()["scalars"]
+        assert logged["preset"].string_value == "tiny"  # the module's own hyperparameters are kept
+        assert list((sweep_dir / name / "checkpoints").glob("*.ckpt"))
