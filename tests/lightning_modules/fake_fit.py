@@ -31,6 +31,10 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return configs, flags
 
 
+def _env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+
+
 def fake_loss(flags: dict[str, str]) -> float:
     """Distance of log10(lr) from -2.5 plus gamma: lr=3e-3, gamma=small wins."""
     lr = float(flags.get("model.optimizer.init_args.lr", "1e-3"))
@@ -43,7 +47,8 @@ def main() -> int:
     log_dir = Path(flags["trainer.logger.init_args.save_dir"]) / flags["trainer.logger.init_args.name"]
     log_dir = log_dir / flags["trainer.logger.init_args.version"]
     log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "fake_argv.json").write_text(json.dumps({"argv": sys.argv[1:], "configs": configs, "flags": flags}))
+    record = {"argv": sys.argv[1:], "configs": configs, "flags": flags, "env": _env()}
+    (log_dir / "fake_argv.json").write_text(json.dumps(record))
     (log_dir / "fake_pid").write_text(str(os.getpid()))
     start = time.time()
     print("fake fit starting", flush=True)

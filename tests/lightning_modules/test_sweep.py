@@ -7,6 +7,7 @@ seconds; ``test_tiny_lr_sweep_end_to_end`` runs the shipped example through the 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -296,6 +297,25 @@ def test_gpu_slots_round_robin(monkeypatch):
     assert runner._gpu_slots(4) == ["4", "5", "6", "7"]
     monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 1)
     assert runner._gpu_slots(3) == []
+
+
+def test_trials_get_their_own_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = write_sweep(tmp_path, parallel=2, base={"overrides": {"fake.sleep": 1}})
+    assert sweep.main(["--config", str(path)]) == 0
+    sweep_dir = tmp_path / "runs" / "demo"
+    seen = {}
+    for name, r in results(sweep_dir).items():
+        env = json.loads((sweep_dir / name / "fake_argv.json").read_text())["env"]
+        assert env["CUDA_VISIBLE_DEVICES"] == r["device"]
+        times = json.loads((sweep_dir / name / "fake_times.json").read_text())
+        seen[name] = (r["device"], times)
+    # trials that overlapped in time ran on different GPUs
+    for (dev_a, (s_a, e_a)), (dev_b, (s_b, e_b)) in itertools.combinations(seen.values(), 2):
+        if s_a < e_b and s_b < e_a:
+            assert dev_a != dev_b
+    assert {d for d, _ in seen.values()} == {"0", "1"}
 
 
 # ---------------------------------------------------------------------------------------------- TPE and pruning
