@@ -7,6 +7,7 @@ import contextlib
 import csv
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -103,10 +104,17 @@ class SweepRunner:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.cfg.parallel))
         cmd = trial_command(self.cfg, trial)
         log = open(trial_dir / "trial.log", "wb")  # noqa: SIM115 (closed in _finish / _stop_all)
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
-        # Own session: Ctrl-C reaches only the sweep, which then stops each trial's process group itself.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:  # own session: Ctrl-C reaches only the sweep, which then stops each trial's process group itself
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as err:  # e.g. a `command` that does not exist: this trial fails, the sweep goes on
+            log.close()
+            trial.status, trial.error = "failed", f"cannot start {cmd[0]!r}: {err}"
+            self.sampler.tell(trial)
+            write_json(trial_dir / "result.json", asdict(trial))
+            print(f"[sweep] {trial.name} failed: {trial.error}", file=sys.stderr)
+            return
         trial.status = "running"
         self.running[trial.index] = _Running(trial, proc, log, slot, time.monotonic())
         device = f" on CUDA_VISIBLE_DEVICES={trial.device}" if trial.device else ""
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("[sweep] dry run of a tpe sweep: showing the first trial with the space's first values")
             trials = ListSampler(cfg).params if cfg.method != "tpe" else [{p.key: _first(p) for p in cfg.space}]
             for index, params in enumerate(trials):
-                print(" ".join(trial_command(cfg, Trial(index, params))))
+                print(shlex.join(trial_command(cfg, Trial(index, params))))
             return 0
         return SweepRunner(cfg).run()
     except (ValueError, FileNotFoundError) as err:

@@ -259,6 +259,14 @@ def test_one_bad_trial_does_not_stop_the_others(tmp_path):
     assert [r["status"] for r in rows] == ["completed", "completed", "failed", "failed"]
 
 
+def test_a_command_that_cannot_start_fails_its_trials(tmp_path, capsys):
+    path = write_sweep(tmp_path, command=[str(tmp_path / "no-such-program")], space={LR: [1.0e-3, 3.0e-3]})
+    assert sweep.main(["--config", str(path)]) == 1
+    done = results(tmp_path / "runs" / "demo")
+    assert [r["status"] for r in done.values()] == ["failed", "failed"]
+    assert "no-such-program" in done["trial_000"]["error"]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -412,6 +420,29 @@ def test_missing_optuna_gives_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- real dsv3 fit
+SMALL_RUN = {  # the CLI tests' small model and data (tests/lightning_modules/conftest.py), 4 steps
+    "model.overrides": json.dumps(SMALL_MODEL),
+    "data.vocab_size": 1024,
+    "data.seq_len": 32,
+    "data.batch_size": 2,
+    "data.val_batches": 2,
+    "trainer.max_steps": 4,
+    "trainer.val_check_interval": 2,
+    "model.lr_scheduler.init_args.warmup_steps": 1,
+    "model.lr_scheduler.init_args.decay_start": 2,
+    "model.lr_scheduler.init_args.decay_steps": 2,
+    "trainer.enable_progress_bar": False,
+}
+
+
+def test_dry_run_prints_the_real_commands(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert sweep.main(["--config", "configs/sweeps/tiny_lr.yaml", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(" -m lightning_modules.cli fit --config configs/tiny.yaml " in x for x in lines)
+    assert sweep.main(["--config", "configs/sweeps/tiny_tpe.yaml", "--dry_run"]) == 0
+
+
 def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
     """The shipped example, cut to 2 trials of 4 steps of a small model, through the real ``dsv3 fit``.
 
@@ -425,20 +456,7 @@ def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
     raw = yaml.load((ROOT / "configs/sweeps/tiny_lr.yaml").read_text(), Loader=config.YamlLoader)
     lr_key, gamma_key = raw["space"]
     raw["space"] = {lr_key: raw["space"][lr_key][:2], gamma_key: raw["space"][gamma_key][:1]}
-    small = {  # the CLI tests' small model and data (tests/lightning_modules/conftest.py)
-        "model.overrides": json.dumps(SMALL_MODEL),
-        "data.vocab_size": 1024,
-        "data.seq_len": 32,
-        "data.batch_size": 2,
-        "data.val_batches": 2,
-        "trainer.max_steps": 4,
-        "trainer.val_check_interval": 2,
-        "model.lr_scheduler.init_args.warmup_steps": 1,
-        "model.lr_scheduler.init_args.decay_start": 2,
-        "model.lr_scheduler.init_args.decay_steps": 2,
-        "trainer.enable_progress_bar": False,
-    }
-    raw["base"]["overrides"].update(small)
+    raw["base"]["overrides"].update(SMALL_RUN)
     raw.update(out_dir=str(tmp_path), parallel=2)
     path = tmp_path / "tiny_lr.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -461,3 +479,27 @@ def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
             assert logged[key].number_value == pytest.approx(value), key
         assert logged["preset"].string_value == "tiny"  # the module's own hyperparameters are kept
         assert list((sweep_dir / name / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_tpe_sweep_with_pruning_end_to_end(tmp_path, monkeypatch):
+    """configs/sweeps/tiny_tpe.yaml, cut to 3 small trials, through the real ``dsv3 fit`` with ``OptunaPruning``."""
+    optuna = pytest.importorskip("optuna")
+    monkeypatch.chdir(ROOT)
+    raw = yaml.load((ROOT / "configs/sweeps/tiny_tpe.yaml").read_text(), Loader=config.YamlLoader)
+    raw["space"].pop("model.overrides.n_routed_experts")  # SMALL_MODEL sets the expert layout
+    raw["space"].pop("model.overrides.mtp_loss_weight")
+    raw["base"]["overrides"].update(SMALL_RUN, **{"trainer.max_steps": 6})
+    raw.update(out_dir=str(tmp_path), num_trials=3, pruner={"type": "median", "n_startup_trials": 1})
+    path = tmp_path / "tiny_tpe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert sweep.main(["--config", str(path)]) == 0
+    sweep_dir = tmp_path / raw["name"]
+    done = results(sweep_dir)
+    study = optuna.load_study(study_name=raw["name"], storage=journal_storage(sweep_dir / "optuna.journal"))
+    by_number = {t.number: t for t in study.trials}
+    assert len(done) == 3 and done["trial_000"]["status"] == "completed"
+    for r in done.values():
+        trial = by_number[r["optuna_trial"]]
+        assert trial.state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[r["status"]]
+        assert trial.intermediate_values  # the callback reported each validation from inside the trial
