@@ -13,6 +13,7 @@ markdown table headed by the command, machine and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import shlex
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--attention-iters", type=int, default=50, help="timed steps of the one-layer attention table")
     p.add_argument("--warmup-tokens", type=int, default=4, help="decode steps run (untimed) before each timing")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
@@ -110,6 +112,42 @@ def run_one(
     }
 
 
+def time_attention_step(model: DeepSeekV3, bsz: int, context: int, expanded: bool, iters: int) -> float:
+    """Microseconds for one MLA layer to decode one token per sequence over ``context`` cached tokens.
+
+    Isolates what the cache kind changes (the whole-model step is dominated by kernel launches at small sizes):
+    layer 0's attention, a one-layer cache of random entries, the same position written ``iters`` times.
+    """
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    one_layer = dataclasses.replace(model.config, num_hidden_layers=1, first_k_dense_replace=1)
+    cache = MLACache(one_layer, bsz, context + 1, expanded=expanded, device=device, dtype=dtype)
+    for t in vars(cache.layers[0]).values():
+        t.normal_()
+    attn, (cos, sin) = model.layers[0].attn, model._rope(1, context)
+    x = torch.randn(bsz, 1, model.config.hidden_size, device=device, dtype=dtype)
+    for _ in range(3):
+        attn(x, cos, sin, cache.layers[0], context)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        attn(x, cos, sin, cache.layers[0], context)
+    _sync(device)
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def print_attention_table(model: DeepSeekV3, batch_sizes: list[int], context: int, iters: int) -> None:
+    print(f"\nOne MLA layer, one decode step over {context} cached tokens ({iters} steps timed):\n")
+    print("| batch | cache | us/step | cache bytes / time, GB/s | speed-up |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for bsz in batch_sizes:
+        times = {kind: time_attention_step(model, bsz, context, kind, iters) for kind in (True, False)}
+        for kind, name in ((True, "expanded K/V"), (False, "latent (absorbed)")):
+            cache = MLACache(model.config, 1, 1, expanded=kind, device="meta", dtype=model.embed.weight.dtype)
+            per_layer = cache.bytes_per_token() // model.config.num_hidden_layers
+            read = bsz * (context + 1) * per_layer / (times[kind] * 1e-6) / 1e9
+            print(f"| {bsz} | {name} | {times[kind]:.0f} | {read:,.1f} | {times[True] / times[kind]:.2f}x |")
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{'' if r is expanded else f'{diff.item():.1e}'} |"
                 )
             del prompt, expanded, latent
+    with torch.inference_mode():
+        print_attention_table(model, args.batch_sizes, args.prompt_len, args.attention_iters)
     print(
         f"\nbytes/token: over the {config.num_hidden_layers} main layers; the latent cache equals "
         f"config.kv_cache_bytes_per_token({dtype.itemsize}) = {config.kv_cache_bytes_per_token(dtype.itemsize):,}."

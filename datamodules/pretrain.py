@@ -5,6 +5,7 @@ HF dataset (streamed) -> documents sharded over (rank, worker) -> tokenizer (+ E
 is the user's guide.
 """
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,7 @@ class PretrainDataModule(L.LightningDataModule):
         encoder = DocumentEncoder(
             self._tokenizer, self._eos_id, self.hparams.fim_rate, self._fim_ids, self.hparams.seed
         )
-        dataset = self._train_dataset
-
-        def make_stream(state: StreamState) -> PackedStream:
-            return PackedStream(spec, dataset, encoder, list(state.positions), state.next_stream)
-
+        make_stream = functools.partial(_make_stream, spec, self._train_dataset, encoder)
         self._train_loader = ResumableLoader(
             make_stream,
             self.num_workers,
@@ -267,7 +264,9 @@ class PretrainDataModule(L.LightningDataModule):
                     f"this run has {field}={value!r}. Document positions depend on it; resume with the same value "
                     f"(num_streams is max(1, num_workers))."
                 )
-        rank = self.data_parallel()[0]
+        rank, saved = self.data_parallel()[0], sorted(state_dict["ranks"])
+        if rank not in saved:
+            raise ValueError(f"Cannot resume the data stream of rank={rank}: the checkpoint holds ranks {saved}.")
         self._state = StreamState.from_dict(state_dict["ranks"][rank])
         self._train_loader = None
 
@@ -290,6 +289,11 @@ class PretrainDataModule(L.LightningDataModule):
         row = torch.cat([torch.tensor([rank]), local.to_tensor()]).to(trainer.strategy.root_device)
         rows = trainer.strategy.all_gather(row).reshape(-1, row.numel()).cpu()
         return {int(r[0]): StreamState.from_tensor(r[1:]) for r in rows}
+
+
+def _make_stream(spec: StreamSpec, dataset, encoder: DocumentEncoder, state: StreamState) -> PackedStream:
+    """The training stream starting at ``state`` (a module-level function, so the loader pickles)."""
+    return PackedStream(spec, dataset, encoder, list(state.positions), state.next_stream)
 
 
 def _check_args(args: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ carried by each batch, and it becomes the saved state only when the consumer com
 does so in ``on_before_batch_transfer``, called once per batch the training loop uses).
 """
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,11 @@ from torch.utils.data import DataLoader
 
 from datamodules.packing import StreamPosition
 from datamodules.stream import PackedStream
+
+log = logging.getLogger(__name__)
+
+# Batches handed out but not yet consumed: Lightning's one plus slack; more means nobody commits.
+_MAX_PENDING = 64
 
 
 @dataclass
@@ -92,6 +98,7 @@ class ResumableLoader:
     pin_memory: bool = False
     prefetch_factor: int = 4
     _pending: deque = field(default_factory=deque, init=False, repr=False)
+    _warned: bool = field(default=False, init=False, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._pending.clear()
@@ -103,6 +110,14 @@ class ResumableLoader:
             self._pending.append((tokens, stream, position))
             if self.auto_commit:
                 self.commit(tokens)
+            elif len(self._pending) > _MAX_PENDING:
+                if not self._warned:
+                    log.warning(
+                        "Training batches are not being committed (is on_before_batch_transfer bypassed, e.g. by a "
+                        "training_step taking dataloader_iter?); the saved data position will lag and not be exact."
+                    )
+                    self._warned = True
+                self.commit()
             yield tokens
 
     def commit(self, batch: torch.Tensor | None = None) -> None:

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 in pure PyTorch: config, model, generation, HF checkpoint interop."""
+"""DeepSeek-V3 in pure PyTorch: config, model, inference cache and generation, HF checkpoint interop."""
 
 from models.config import PRESETS, DeepSeekV3Config
 from models.generate import generate

@@ -15,10 +15,6 @@ from models.config import DeepSeekV3Config
 from models.kv_cache import ExpandedLayerCache, LatentLayerCache
 from models.rope import apply_rope
 
-# cuDNN attention (PyTorch's first choice on Hopper) builds an execution plan per shape: free for training's fixed
-# shapes, but about 8 ms a call when the key length grows by one every decode step (measured on an H200).
-_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, weight applied in the input dtype (as DeepSeek-V3/HF)."""
@@ -78,14 +74,6 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, S, R)
         return self.kv_norm(c_kv), k_pe
 
-    def _expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head keys (B, S, H, N+R) and values (B, S, H, V) from the latent (B, S, C) and shared k_pe (B, S, R)."""
-        bsz, seqlen, _ = c_kv.shape
-        kv = self.wkv_b(c_kv).view(bsz, seqlen, -1, self.nope_dim + self.v_dim)  # (B, S, H, N+V)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)), dim=-1)  # (B, S, H, N+R)
-        return k, v
-
     def forward(
         self,
         x: torch.Tensor,
@@ -108,27 +96,15 @@ class MLA(nn.Module):
         """
         if cache is not None:
             return self.forward_cached(x, cos, sin, cache, start_pos)
+        bsz, seqlen, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
-        k, v = self._expand_kv(*self.latent(x, cos, sin))
-        return self._attend(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
-
-    def _attend(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        is_causal: bool = True,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """SDPA of q_nope (B, S, H, N), q_pe (B, S, H, R) over keys (B, H, L, N+R), values (B, H, L, V) -> (B, S, D).
-
-        ``is_causal`` aligns the mask top-left, so it is right only when queries and keys start together.
-        """
-        bsz, seqlen, _, _ = q_nope.shape
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, S, N+R)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = self.wkv_b(c_kv).view(bsz, seqlen, -1, self.nope_dim + self.v_dim)  # (B, S, H, N+V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, S, H, N+R)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)), dim=-1)  # (B, S, H, N+R)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )  # (B, H, S, V)
         return self.wo(o.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, S, D)
 
@@ -145,27 +121,53 @@ class MLA(nn.Module):
 
         With a latent cache, decoding (and a prefill chunk after cached tokens) uses the absorbed formulation
         (``_attend_absorbed``). A prefill into an empty cache is compute-bound: there the expanded form is cheaper
-        (H x (N+R) per score instead of H x (C+R)) and runs a fused causal SDPA, as serving engines do; it still
-        caches only the latent. An expanded cache stores per-head K/V and always runs SDPA on them.
+        (H x (N+R) per score instead of H x (C+R)), so it runs the training path (one fused causal SDPA; its two
+        small down-projections are recomputed), as serving engines do; only the latent is cached. An expanded
+        cache stores per-head K/V and runs SDPA over them (``_attend_expanded``).
         """
         bsz, seqlen, _ = x.shape
-        q_nope, q_pe = self._query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
         end = start_pos + seqlen
-        if isinstance(cache, LatentLayerCache):
-            cache.kv[:bsz, start_pos:end] = torch.cat((c_kv, k_pe), dim=-1)
-            if start_pos > 0 or seqlen == 1:
-                return self._attend_absorbed(q_nope, q_pe, cache.kv[:bsz, :end], _chunk_mask(seqlen, start_pos, x))
-            k, v = (t.transpose(1, 2) for t in self._expand_kv(c_kv, k_pe))  # (B, H, S, N+R), (B, H, S, V)
-        else:
-            k, v = self._expand_kv(c_kv, k_pe)  # (B, S, H, N+R), (B, S, H, V)
-            cache.k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-            cache.v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-            k, v = cache.k[:bsz, :, :end], cache.v[:bsz, :, :end]  # (B, H, L, N+R), (B, H, L, V)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        if isinstance(cache, ExpandedLayerCache):
+            return self._attend_expanded(x, cos, sin, c_kv, k_pe, cache, start_pos)
+        cache.kv[:bsz, start_pos:end] = torch.cat((c_kv, k_pe), dim=-1)
+        if start_pos == 0 and seqlen > 1:
+            return self.forward(x, cos, sin)
+        q_nope, q_pe = self._query(x, cos, sin)
+        return self._attend_absorbed(q_nope, q_pe, cache.kv[:bsz, :end], _chunk_mask(seqlen, start_pos, x))
+
+    def _attend_expanded(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        cache: ExpandedLayerCache,
+        start_pos: int,
+    ) -> torch.Tensor:
+        """The naive way, for comparison: cache the new tokens' per-head K/V, then SDPA of their queries over it."""
+        bsz, seqlen, _ = x.shape
+        end = start_pos + seqlen
+        q_nope, q_pe = self._query(x, cos, sin)
+        kv = self.wkv_b(c_kv).view(bsz, seqlen, -1, self.nope_dim + self.v_dim)  # (B, S, H, N+V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)), dim=-1)  # (B, S, H, N+R)
+        cache.k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+        cache.v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, S, N+R)
+        # From position 0, queries and keys start together and SDPA's top-left causal mask is the right one.
+        mask = None if start_pos == 0 else _chunk_mask(seqlen, start_pos, x)
         with sdpa_kernel(_CACHED_SDPA_BACKENDS):
-            if start_pos == 0:
-                return self._attend(q_nope, q_pe, k, v)
-            return self._attend(q_nope, q_pe, k, v, is_causal=False, mask=_chunk_mask(seqlen, start_pos, x))
+            o = F.scaled_dot_product_attention(
+                q,
+                cache.k[:bsz, :, :end],  # (B, H, L, N+R)
+                cache.v[:bsz, :, :end],  # (B, H, L, V)
+                attn_mask=mask,
+                is_causal=start_pos == 0,
+                scale=self.softmax_scale,
+            )  # (B, H, S, V)
+        return self.wo(o.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, S, D)
 
     def _attend_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
@@ -205,3 +207,8 @@ def _chunk_mask(seqlen: int, start_pos: int, x: torch.Tensor) -> torch.Tensor | 
         return None
     pos = torch.arange(start_pos + seqlen, device=x.device)
     return pos[None, :] <= pos[start_pos:, None]
+
+
+# cuDNN attention (PyTorch's first choice on Hopper) builds an execution plan per shape: free for training's fixed
+# shapes, but about 8 ms a call when the key length grows by one every decode step (measured on an H200).
+_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

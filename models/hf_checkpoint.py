@@ -306,8 +306,8 @@ def _classify(key: str, headers: dict, slots: dict[str, _Slot], plan: _Plan, blo
         plan.mismatched.append(f"{key}: checkpoint {list(shape)}, model expects {list(want)}")
     if dtype.startswith("F8"):
         scale = key + "_scale_inv"
-        if scale not in headers:
-            plan.mismatched.append(f"{key}: {dtype} weight without {scale}")
+        if scale not in headers or len(shape) != 2:
+            plan.mismatched.append(f"{key}: {dtype} weight without {scale} (block scales of 2-D weights are read)")
         elif headers[scale][1] != _expected_scale_shape(shape, block):
             want_scale = list(_expected_scale_shape(shape, block))
             plan.mismatched.append(f"{scale}: checkpoint {list(headers[scale][1])}, expected {want_scale}")
@@ -393,12 +393,15 @@ def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict[str, Any]) -> torch
 
 
 def _read_tensor(key: str, handle, plan: _Plan, headers: dict, block: tuple[int, int]) -> torch.Tensor:
+    """One tensor from the open shard ``handle``, FP8 dequantised with its scale (usually in the same shard)."""
     tensor = handle.get_tensor(key)
-    if key in plan.scales:
-        scale_file = headers[plan.scales[key]][0]
-        with safe_open(scale_file, framework="pt") as f:
-            tensor = dequantize_fp8(tensor, f.get_tensor(plan.scales[key]), block)
-    return tensor
+    if key not in plan.scales:
+        return tensor
+    scale_key = plan.scales[key]
+    if headers[scale_key][0] == headers[key][0]:
+        return dequantize_fp8(tensor, handle.get_tensor(scale_key), block)
+    with safe_open(headers[scale_key][0], framework="pt") as f:
+        return dequantize_fp8(tensor, f.get_tensor(scale_key), block)
 
 
 @torch.no_grad()

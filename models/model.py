@@ -137,6 +137,13 @@ class DeepSeekV3(nn.Module):
                 module.reset_parameters(std)
         self.freqs_cis = rope_freqs_cis(self.config, buffer_device or self.freqs_cis.device)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(bf16) would cast the complex RoPE table to a real one (dropping sin): rebuild it in complex64.
+        super()._apply(fn, recurse)
+        if not self.freqs_cis.is_complex():
+            self.freqs_cis = rope_freqs_cis(self.config, self.freqs_cis.device)
+        return self
+
     def moe_layers(self) -> list[MoE]:
         """Every MoE module, main blocks first, then MTP blocks."""
         return [m for m in self.modules() if isinstance(m, MoE)]

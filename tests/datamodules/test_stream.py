@@ -1,6 +1,7 @@
 """The training stream end to end: each worker's batches are its documents' tokens, in order, packed."""
 
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -44,3 +45,12 @@ def test_too_small_dataset_names_sizes_and_token_count(make_dm, workers):
     dm = make_dm(n_files=1, seq_len=4096, batch_size=4, num_workers=workers)
     with pytest.raises(ValueError, match=r"gives \d+ tokens.*batch_size=4 x \(seq_len=4096 \+ 1\) = 16388"):
         next(iter(dm.train_dataloader()))
+
+
+def test_stream_pickles_for_spawned_workers(make_dm):
+    """Workers started with ``spawn`` (macOS, Windows) receive the stream pickled."""
+    loader = make_dm(shuffle_buffer=4, fim_rate=0.5).train_dataloader()
+    stream = loader.make_stream(loader.state)
+    copy = pickle.loads(pickle.dumps(stream))
+    a, b = itertools.islice(stream.batches(0), 5), itertools.islice(copy.batches(0), 5)
+    assert all(np.array_equal(x, y) and p == q for (x, p), (y, q) in zip(a, b, strict=True))

@@ -191,4 +191,4 @@ def test_cached_decode_on_cuda_matches_full_forward(tiny_config):
         err_full = rel_err(model16(ids).logits, ref)
         err_cached = rel_err(cached_logits(model16, ids, torch.bfloat16), ref)
     print(f"bf16 vs fp32 logits: full forward {err_full:.2e}, cached decode {err_cached:.2e}")
-    assert err_cached < 2 * err_full + 1e-3
+    assert err_cached < 3 * err_full + 1e-3

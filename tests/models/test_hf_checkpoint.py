@@ -105,12 +105,21 @@ def _load_all(path) -> dict[str, torch.Tensor]:
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-def _rewrite(path, tensors: dict[str, torch.Tensor], config_update: dict | None = None) -> None:
-    """Replace the checkpoint at ``path`` by one file holding ``tensors``."""
+def _rewrite(path, tensors: dict[str, torch.Tensor], config_update: dict | None = None, split=None) -> None:
+    """Replace the checkpoint at ``path`` by ``tensors``: one file, or two shards and an index when the predicate
+    ``split(name)`` picks the tensors of the second shard."""
     for f in path.glob("*.safetensors"):
         f.unlink()
     (path / INDEX_FILE).unlink(missing_ok=True)
-    save_file(tensors, path / SINGLE_FILE, metadata={"format": "pt"})
+    if split is None:
+        save_file(tensors, path / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        weight_map = {k: names[bool(split(k))] for k in tensors}
+        for name in names:
+            shard = {k: v for k, v in tensors.items() if weight_map[k] == name}
+            save_file(shard, path / name, metadata={"format": "pt"})
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if config_update:
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, **config_update}))
@@ -212,7 +221,9 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path, tiny_config):
             tensors[key], tensors[key + "_scale_inv"] = q, scale_inv
             reference[key] = _dequantize_reference(q, scale_inv, block)
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
-    _rewrite(tmp_path, tensors, {"quantization_config": quantization})
+    # Layer 0's scales in a shard of their own, the others beside their weights.
+    scales_apart = lambda name: name.startswith("model.layers.0.") and name.endswith("_scale_inv")
+    _rewrite(tmp_path, tensors, {"quantization_config": quantization}, split=scales_apart)
     ours = load_hf_checkpoint(tmp_path)
     # Reference model: the fp32 dequantised weights written as a plain checkpoint.
     _rewrite(tmp_path, {**{k: v for k, v in tensors.items() if not k.endswith("_scale_inv")}, **reference})

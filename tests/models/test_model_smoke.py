@@ -49,3 +49,14 @@ def test_mtp_loss_targets_two_ahead(tiny_config):
     out = model(tokens[:, :-1], labels=tokens[:, 1:])
     expected = torch.nn.functional.cross_entropy(out.mtp_logits[0].flatten(0, 1), tokens[:, 2:].flatten())
     torch.testing.assert_close(out.mtp_loss, expected)
+
+
+def test_bf16_cast_keeps_rope_table_complex(tiny_config):
+    model = DeepSeekV3(tiny_config)
+    reference = model.freqs_cis.clone()
+    model.to(torch.bfloat16)
+    assert model.freqs_cis.dtype == torch.complex64
+    torch.testing.assert_close(model.freqs_cis, reference)
+    assert model.embed.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    assert model(tokens).logits.dtype == torch.bfloat16
