@@ -50,13 +50,23 @@ def load_heatmap(load_RC: torch.Tensor, vmax: float = 2.0, cell: int | None = No
     return img_3RC.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
 
 
-class _EntropyHooks:
-    """Forward hooks on the gates that sum the entropy of each token's normalised affinities, per layer."""
+class RouterEntropy:
+    """Forward hooks on the gates that sum the entropy of each token's normalised affinities, per layer.
+
+    Attached only for the micro-batches of a logging step. The hook functions and accumulators are made once
+    and reused, so a ``torch.compile``-d block sees the same two states (hooked or not) every time.
+    """
 
     def __init__(self, gates: list[torch.nn.Module], device: torch.device) -> None:
+        self.gates = gates
         self.sum_L = torch.zeros(len(gates), dtype=torch.float64, device=device)
         self.tokens_L = torch.zeros(len(gates), dtype=torch.float64, device=device)
-        self.handles = [gate.register_forward_hook(self._hook(i)) for i, gate in enumerate(gates)]
+        self._hooks = [self._hook(i) for i in range(len(gates))]
+        self._handles: list[Any] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
@@ -71,11 +81,22 @@ class _EntropyHooks:
 
         return hook
 
-    def remove(self) -> torch.Tensor:
-        """Remove the hooks and return the (L,) mean entropy over all ranks' tokens (a collective when distributed)."""
-        for handle in self.handles:
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [gate.register_forward_hook(h) for gate, h in zip(self.gates, self._hooks, strict=True)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
             handle.remove()
+        self._handles = []
+
+    def read(self) -> torch.Tensor:
+        """Detach, and return the (L,) mean entropy over all ranks' tokens since the last read (a collective when
+        distributed); the sums restart from zero."""
+        self.detach()
         stats_2L = torch.stack((self.sum_L, self.tokens_L))
+        self.sum_L.zero_()
+        self.tokens_L.zero_()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats_2L)
         return (stats_2L[0] / stats_2L[1].clamp_min(1)).float()
@@ -102,8 +123,8 @@ class MoELoadMonitor(Callback):
     Args:
         log_every_n_steps: Scalar interval in optimizer steps; ``None`` = the Trainer's ``log_every_n_steps``.
         image_every_n_steps: Image/histogram interval; ``None`` = 10 x the scalar interval.
-        router_entropy: Measure the router entropy (adds gate hooks on logging steps; each toggle recompiles a
-            ``torch.compile``-d block, so turn it off for compiled runs if that matters).
+        router_entropy: Measure the router entropy (gate hooks on logging steps only; a ``torch.compile``-d
+            block then has a second, hooked, graph: one extra compilation per block, then cached).
     """
 
     def __init__(
@@ -116,7 +137,7 @@ class MoELoadMonitor(Callback):
         self.image_every_n_steps = image_every_n_steps
         self.router_entropy = router_entropy
         self._tracker = moe_stats.OptimizerStepTracker()
-        self._hooks: _EntropyHooks | None = None
+        self._entropy: RouterEntropy | None = None
 
     def _every(self, trainer: Trainer) -> tuple[int, int]:
         scalars = self.log_every_n_steps or trainer.log_every_n_steps
@@ -125,12 +146,14 @@ class MoELoadMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tracker.reset(trainer)
         moe_stats.clear(pl_module)
+        if self.router_entropy:
+            gates = [moe.gate for _, moe in moe_stats.moe_layers(pl_module)]
+            self._entropy = RouterEntropy(gates, pl_module.device)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         logs_next = (trainer.global_step + 1) % self._every(trainer)[0] == 0
-        if self.router_entropy and logs_next and self._hooks is None:
-            gates = [moe.gate for _, moe in moe_stats.moe_layers(pl_module)]
-            self._hooks = _EntropyHooks(gates, pl_module.device)
+        if self._entropy is not None and logs_next:
+            self._entropy.attach()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -142,9 +165,8 @@ class MoELoadMonitor(Callback):
         if trainer.global_step % every:
             return
         metrics = self.metrics(loads, pl_module)
-        if self._hooks is not None:
-            entropy_L = self._hooks.remove().tolist()
-            self._hooks = None
+        if self._entropy is not None and self._entropy.attached:
+            entropy_L = self._entropy.read().tolist()
             metrics.update({f"moe/layer{i}/router_entropy": h for i, h in zip(loads.layer_ids, entropy_L, strict=True)})
             metrics["moe/router_entropy"] = sum(entropy_L) / len(entropy_L)
         for logger in trainer.loggers:
@@ -153,10 +175,9 @@ class MoELoadMonitor(Callback):
             self.log_images(trainer, pl_module, loads)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._hooks is not None:
-            for handle in self._hooks.handles:
-                handle.remove()
-            self._hooks = None
+        if self._entropy is not None:
+            self._entropy.detach()
+            self._entropy = None
 
     @staticmethod
     def metrics(loads: moe_stats.StepLoads, pl_module: LightningModule) -> dict[str, float]:
@@ -194,4 +215,3 @@ class MoELoadMonitor(Callback):
             for i, moe in layers:
                 bias = moe.gate.e_score_correction_bias.detach().float().cpu()
                 writer.add_histogram(f"moe/layer{i}/expert_bias", bias, trainer.global_step)
-

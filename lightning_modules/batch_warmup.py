@@ -46,16 +46,15 @@ class BatchSizeWarmup(Callback):
                 "BatchSizeWarmup sets the accumulation itself; leave trainer.accumulate_grad_batches at 1 "
                 f"(got {trainer.accumulate_grad_batches})"
             )
-        trainer.accumulate_grad_batches = self._next(trainer, self._current)
+        trainer.accumulate_grad_batches = self._next(trainer, _done(trainer), self._current)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # micro-batches done in this epoch
+        done = _done(trainer) - 1  # Lightning counts this batch as ready before the hook
         if done % trainer.accumulate_grad_batches == 0:  # a window starts with this batch
-            trainer.accumulate_grad_batches = self._next(trainer, trainer.accumulate_grad_batches)
+            trainer.accumulate_grad_batches = self._next(trainer, done, trainer.accumulate_grad_batches)
         self._current = trainer.accumulate_grad_batches
 
-    def _next(self, trainer: Trainer, current: int) -> int:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    def _next(self, trainer: Trainer, done: int, current: int) -> int:
         wanted = self.target(trainer.global_step)
         return wanted if done % wanted == 0 else current
 
@@ -64,3 +63,8 @@ class BatchSizeWarmup(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._current = state_dict["accumulation"]
+
+
+def _done(trainer: Trainer) -> int:
+    """Micro-batches counted in this epoch (the counter Lightning's accumulation check uses)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models import DeepSeekV3, DeepSeekV3Config
 from models.rope import rope_freqs_cis
@@ -206,9 +207,15 @@ class DeepSeekV3LitModule(LightningModule):
         if gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+        wrapped = self.trainer.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:  # plain tensors or DTensors (FSDP2), whose norm torch reduces itself
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         self.log("grad_norm", norm)
 
     # ------------------------------------------------------------------ checkpoints

@@ -30,7 +30,9 @@ def token_loader(config: DeepSeekV3Config, n_batches: int, batch_size: int = 4, 
     """(B, S+1) int64 batches of random tokens, in a fixed order."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, config.vocab_size, (n_batches * batch_size, seq_len + 1), generator=generator)
-    return DataLoader(TensorDataset(rows), batch_size=batch_size, shuffle=False, collate_fn=lambda b: torch.stack([r[0] for r in b]))
+    return DataLoader(
+        TensorDataset(rows), batch_size=batch_size, shuffle=False, collate_fn=lambda b: torch.stack([r[0] for r in b])
+    )
 
 
 def make_trainer(tmp_path, callbacks, max_steps: int, **kwargs) -> pl.Trainer:
@@ -46,6 +48,15 @@ def make_trainer(tmp_path, callbacks, max_steps: int, **kwargs) -> pl.Trainer:
         "default_root_dir": tmp_path,
     }
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The callback tests run tiny matmuls: one intra-op thread is as fast, and does not thrash a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -22,7 +22,9 @@ from models.moe import Gate
 
 def test_bias_update_follows_sign_rule():
     counts_LE = torch.tensor([[10.0, 30.0, 20.0, 20.0], [0.0, 0.0, 0.0, 8.0]])
-    torch.testing.assert_close(bias_update(counts_LE, 0.5), torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.5, 0.5, 0.5, -0.5]]))
+    torch.testing.assert_close(
+        bias_update(counts_LE, 0.5), torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.5, 0.5, 0.5, -0.5]])
+    )
     centred = bias_update(counts_LE, 0.5, center=True)
     torch.testing.assert_close(centred.sum(dim=1), torch.zeros(2))
     torch.testing.assert_close(centred[1], torch.tensor([0.25, 0.25, 0.25, -0.75]))
@@ -114,7 +116,9 @@ class _RecordUpdates(ExpertBiasBalancing):
         self.records.append((counts_LE.clone(), before, after))
 
 
-def test_one_update_per_optimizer_step_under_accumulation(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory):
+def test_one_update_per_optimizer_step_under_accumulation(
+    tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory
+):
     callback = _RecordUpdates(gamma=0.01)
     trainer = trainer_factory(tmp_path, [callback], max_steps=2, accumulate_grad_batches=2)
     trainer.fit(lit_factory(tiny_config), loader_factory(tiny_config, n_batches=4, batch_size=2, seq_len=16))
@@ -164,6 +168,7 @@ def test_checkpoint_keeps_biases_and_state(tmp_path, tiny_config, lit_factory, l
 
 
 def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config, batches: torch.Tensor, out: str):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
     calls = []
     all_reduce = dist.all_reduce
@@ -190,9 +195,9 @@ def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_with_both_batches(tmp_path, tiny_config):
     batches = torch.randint(0, tiny_config.vocab_size, (2, 2, 17))
-    mp.spawn(
-        _rank_biases, args=(2, f"file://{tmp_path}/rdzv", tiny_config, batches, str(tmp_path)), nprocs=2, join=True
-    )
+    # fork, not spawn: the children inherit the imported modules instead of importing torch and lightning again.
+    args = (2, f"file://{tmp_path}/rdzv", tiny_config, batches, str(tmp_path))
+    mp.start_processes(_rank_biases, args=args, nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config)
