@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lightning_modules.sweep.config import Param, SweepConfig, format_value
 from lightning_modules.sweep.samplers import ListSampler, OptunaSampler
@@ -55,8 +56,24 @@ class SweepRunner:
                 known = set(Trial.__dataclass_fields__)
                 trials.append(Trial(**{k: v for k, v in previous.items() if k in known}))
             else:  # a rerun keeps the parameters of a failed/interrupted attempt (TPE)
-                trials.append(Trial(index, dict(previous["params"]) if previous else {}))
+                trials.append(Trial(index, self.sampler.preview(index, previous)))
+        if any(t.status in FINISHED for t in trials):
+            self._check_same_base()
         return trials
+
+    def _check_same_base(self) -> None:
+        """Finished trials only compare with new ones when the base run and the metric are unchanged."""
+        saved_path = self.cfg.sweep_dir / "sweep.yaml"
+        if not saved_path.is_file():
+            return
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        now = yaml.safe_load(self.cfg.to_yaml())
+        changed = [k for k in ("base", "metric", "mode", "command") if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(
+                f"{changed} differ from the finished trials' ({saved_path}); their results would not compare. "
+                "Use a new name (or out_dir), or restore the old settings"
+            )
 
     def run(self) -> int:
         """Run the unfinished trials; 0 if every trial completed (or was pruned), 1 if some failed, 130 on Ctrl-C."""

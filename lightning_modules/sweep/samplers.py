@@ -33,6 +33,10 @@ class ListSampler:
             )
         return True
 
+    def preview(self, index: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+        """Parameters of a trial not yet run (shown in the summary)."""
+        return dict(self.params[index])
+
     def ask(self, trial: Trial) -> None:
         trial.params = dict(self.params[trial.index])
 
@@ -76,6 +80,10 @@ class OptunaSampler:
 
     def resume(self, index: int, previous: dict[str, Any]) -> bool:
         return True
+
+    def preview(self, index: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+        """A failed or interrupted attempt's parameters (rerun as they were), else unknown until asked."""
+        return dict(previous["params"]) if previous else {}
 
     def ask(self, trial: Trial) -> None:
         if trial.params:  # a rerun: same parameters as before

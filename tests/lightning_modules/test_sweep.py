@@ -240,12 +240,15 @@ def test_failed_trial_is_recorded_and_rerun(tmp_path, monkeypatch, capsys):
     assert [r["trial"] for r in summary(sweep_dir)] == ["trial_001", "trial_000"]
 
 
-def test_changed_space_refuses_to_mix_with_old_results(tmp_path):
+def test_changed_sweep_refuses_to_mix_with_old_results(tmp_path, capsys):
     path = write_sweep(tmp_path, space={LR: [1.0e-3]})
     assert sweep.main(["--config", str(path)]) == 0
     write_sweep(tmp_path, space={LR: [2.0e-3]})
     assert sweep.main(["--config", str(path)]) == 2  # a clear error, nothing overwritten
     assert results(tmp_path / "runs" / "demo")["trial_000"]["params"] == {LR: 1e-3}
+    write_sweep(tmp_path, space={LR: [1.0e-3]}, base={"overrides": {"trainer.max_steps": 40}})
+    assert sweep.main(["--config", str(path)]) == 2  # same values, another base run: not comparable
+    assert "differ from the finished trials" in capsys.readouterr().err
 
 
 def test_one_bad_trial_does_not_stop_the_others(tmp_path):
@@ -293,7 +296,9 @@ def test_ctrl_c_stops_trials_marks_them_and_exits_130(tmp_path):
     done = results(sweep_dir)
     assert sorted(done) == ["trial_000", "trial_001"]  # trials 2 and 3 never started
     assert {r["status"] for r in done.values()} == {"interrupted"}
-    assert [r["status"] for r in summary(sweep_dir)] == ["interrupted", "interrupted", "pending", "pending"]
+    rows = summary(sweep_dir)
+    assert [r["status"] for r in rows] == ["interrupted", "interrupted", "pending", "pending"]
+    assert rows[-1][LR] == "0.003" and rows[-1]["fake.gamma"] == "0.5"  # a grid's pending trials are known
 
 
 def test_gpu_slots_round_robin(monkeypatch):
