@@ -77,6 +77,8 @@ class DSV3CLI(LightningCLI):
         # Hyperparameters are the module's own init args (with linked values), not the raw parsed config.
         kwargs.setdefault("load_from_checkpoint_support", False)
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # The optimizer and schedule live under model: (injected callables), not as top-level keys too.
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
     @staticmethod

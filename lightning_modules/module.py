@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from models import DeepSeekV3, DeepSeekV3Config
+from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.rope import rope_freqs_cis
 
 # Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
@@ -87,6 +88,9 @@ class DeepSeekV3LitModule(LightningModule):
             with the report's betas (0.9, 0.95), eps 1e-8, weight decay 0.1, lr 2.2e-4.
         lr_scheduler: LR scheduler factory, stepped every optimizer step (e.g. ``WarmupStableCosineLR``).
             Default: constant LR.
+        compile: ``torch.compile`` each transformer block (``models.parallel.compile_blocks``); on GPUs.
+        activation_checkpointing: ``none``, ``selective`` (keep matmul/attention outputs, recompute the rest) or
+            ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
     """
 
     def __init__(
@@ -97,8 +101,14 @@ class DeepSeekV3LitModule(LightningModule):
         seq_len: int | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        activation_checkpointing: str = "none",
     ) -> None:
         super().__init__()
+        if activation_checkpointing not in AC_MODES:
+            raise ValueError(
+                f"model.activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
+            )
         self.config = build_config(preset, overrides, vocab_size)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
@@ -130,6 +140,9 @@ class DeepSeekV3LitModule(LightningModule):
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
+        apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
+        if self.hparams.compile:
+            compile_blocks(model)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
@@ -251,8 +264,8 @@ def check_compatible(saved: dict[str, Any] | None, config: DeepSeekV3Config) -> 
         raise ValueError(
             "the checkpoint's model has another shape than the configured one ("
             + "; ".join(diff)
-            + "). Use the config the checkpoint was trained with, or drop --model.* flags to take it from the "
-            "checkpoint."
+            + "). Use the model config the checkpoint was trained with, or leave model.preset/overrides out of the "
+            "config files and flags to take them from the checkpoint."
         )
 
 
@@ -270,9 +283,13 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str
     with torch.device("meta"):
         model = DeepSeekV3(config)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True)
+    model.to_empty(device=device)
+    model.load_state_dict(state)
+    # Non-persistent buffers are not in the checkpoint: the RoPE table and the (zeroed) load counters.
     model.freqs_cis = rope_freqs_cis(config, torch.device(device))
-    return model.to(device)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return model
 
 
 def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Any, int | None]:

@@ -15,6 +15,15 @@ from models.config import DeepSeekV3Config
 from models.kv_cache import ExpandedLayerCache, LatentLayerCache
 from models.rope import apply_rope
 
+# Training: flash attention refuses MLA's unequal q/k (N+R = 192) and v (V = 128) head dims and the fallback
+# (mem-efficient) kernel is ~8x slower on H100/H200; cuDNN's fused attention takes them.
+_SDPA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, weight applied in the input dtype (as DeepSeek-V3/HF)."""
@@ -103,9 +112,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, S, H, N+R)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)), dim=-1)  # (B, S, H, N+R)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )  # (B, H, S, V)
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            )  # (B, H, S, V)
         return self.wo(o.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, S, D)
 
     # ------------------------------------------------------------------ inference

@@ -15,6 +15,7 @@ from torch import nn
 from models.attention import MLA, RMSNorm
 from models.config import DeepSeekV3Config
 from models.kv_cache import ExpandedLayerCache, LatentLayerCache, MLACache
+from models.loss import linear_cross_entropy
 from models.moe import MLP, MoE
 from models.rope import rope_freqs_cis
 
@@ -178,11 +179,16 @@ class DeepSeekV3(nn.Module):
             h, aux = layer(h, cos, sin)
             if aux is not None:
                 aux_losses.append(aux)
-        logits = self.head(self.norm(h))  # (B, S, V)
-        out = DeepSeekV3Output(logits=logits if return_logits else None)
+        out = DeepSeekV3Output()
+        if labels is not None and not return_logits:
+            # Training path: head + CE fused and chunked, the (B, S, V) logits never materialised.
+            out.ce_loss = linear_cross_entropy(self.norm(h), self.head.weight, labels)
+        else:
+            out.logits = self.head(self.norm(h))  # (B, S, V)
         if labels is None:
             return out
-        out.ce_loss = _cross_entropy(logits, labels)
+        if out.ce_loss is None:
+            out.ce_loss = _cross_entropy(out.logits, labels)
         out.loss = out.ce_loss
         if len(self.mtp) > 0:
             mtp_losses = self._mtp_forward(h, input_ids, labels, cos, sin, aux_losses, out, return_logits)
@@ -248,10 +254,12 @@ class DeepSeekV3(nn.Module):
             h, aux = module(h[:, :seqlen], self.embed(input_ids[:, k:]), cos[:seqlen], sin[:seqlen])
             if aux is not None:
                 aux_losses.append(aux)
+            if not return_logits:
+                losses.append(linear_cross_entropy(module.norm(h), self.head.weight, labels[:, k:]))
+                continue
             logits = self.head(module.norm(h))  # (B, S-k, V)
             losses.append(_cross_entropy(logits, labels[:, k:]))
-            if return_logits:
-                out.mtp_logits.append(logits)
+            out.mtp_logits.append(logits)
         return losses
 
 

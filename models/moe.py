@@ -137,7 +137,25 @@ def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, ba
 
 def _in_backward() -> bool:
     # Activation checkpointing recomputes the forward inside the backward pass; counting then would double loads.
+    # A compiled block recomputes inside its compiled backward graph, which never replays the buffer update (and
+    # the graph-task query would break the graph).
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+class _Permute(torch.autograd.Function):
+    """``x[perm]`` for a permutation, whose backward is the gather ``grad[inverse]``, not an atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inverse_N)
+        return x_ND[perm_N]
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND[inverse_N], None, None
 
 
 class MoE(nn.Module):
@@ -189,14 +207,20 @@ class MoE(nn.Module):
     def routed(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_idx_TK: torch.Tensor, counts_E: torch.Tensor
     ) -> torch.Tensor:
-        """Permute token copies by expert, run the grouped GEMMs, weight and scatter back; no host sync."""
+        """Permute token copies by expert, run the grouped GEMMs, un-permute and weight; no host sync.
+
+        The combine gathers each token's K outputs back into (token, k) order and sums them in fp32, rather than
+        scatter-adding into (T, D): bf16 atomic adds cost ~3.5 ms a layer at 32K tokens on an H200.
+        """
         top_k = topk_idx_TK.shape[1]
-        order_TK = topk_idx_TK.flatten().argsort(stable=True)  # (TK,) pair positions sorted by expert
-        token_TK = order_TK // top_k
+        order_TK = topk_idx_TK.flatten().argsort(stable=True)  # (TK,) sorted position -> (token, k) pair
+        arange_TK = torch.arange(order_TK.numel(), device=order_TK.device)
+        inverse_TK = torch.empty_like(order_TK).scatter_(0, order_TK, arange_TK)  # pair -> sorted position
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        out_TKD = self.experts(x_TD[token_TK], offsets_E)
-        out_TKD = out_TKD * weights_TK.flatten()[order_TK].unsqueeze(-1).to(out_TKD.dtype)
-        return torch.zeros_like(x_TD, dtype=out_TKD.dtype).index_add_(0, token_TK, out_TKD)
+        out_TKD = self.experts(x_TD[order_TK // top_k], offsets_E)  # rows sorted by expert
+        out_TKD = _Permute.apply(out_TKD, inverse_TK, order_TK)  # rows in (token, k) order
+        y_TD = (out_TKD.view(-1, top_k, out_TKD.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
+        return y_TD.to(out_TKD.dtype)
 
     def reset_parameters(self, std: float) -> None:
         self.gate.reset_parameters(std)

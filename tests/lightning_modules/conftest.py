@@ -50,3 +50,13 @@ def small_args(tmp_path: Path, **trainer: object) -> list[str]:
 @pytest.fixture
 def small(tmp_path):
     return lambda **trainer: small_args(tmp_path, **trainer)
+
+
+@pytest.fixture(scope="package")
+def trained_ckpt(tmp_path_factory) -> Path:
+    """last.ckpt of a 2-step fit of the small model (shared: reading tests must not modify it)."""
+    from lightning_modules.cli import DSV3CLI
+
+    tmp = tmp_path_factory.mktemp("fit")
+    DSV3CLI(args=["fit", *small_args(tmp, max_steps=2, val_check_interval=2)])
+    return tmp / "ckpt" / "last.ckpt"

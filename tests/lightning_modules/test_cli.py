@@ -75,18 +75,16 @@ def test_resume_reproduces_the_uninterrupted_run(small, tmp_path):
     assert resumed.model.tokens_seen == full.model.tokens_seen
 
 
-def test_explicit_flags_win_over_checkpoint_hparams(small, tmp_path):
-    _fit(small(max_steps=2, val_check_interval=2))
-    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+def test_explicit_flags_win_over_checkpoint_hparams(small, trained_ckpt):
+    ckpt = str(trained_ckpt)
     assert torch.load(ckpt, weights_only=True)["model_config"]["mtp_loss_weight"] == 0.3
     cli = DSV3CLI(args=["validate", *small(), "--model.overrides.mtp_loss_weight=0.05", "--ckpt_path", ckpt])
     assert cli.model.config.mtp_loss_weight == 0.05  # plain LightningCLI would restore 0.3 from the checkpoint
     assert cli.model.config.hidden_size == 32
 
 
-def test_checkpoint_supplies_what_the_command_line_leaves_out(small, tmp_path):
-    _fit(small(max_steps=2, val_check_interval=2))
-    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+def test_checkpoint_supplies_what_the_command_line_leaves_out(small, trained_ckpt):
+    ckpt = str(trained_ckpt)
     args = [a for a in small() if not a.startswith("{")]  # drop the model overrides: take them from the checkpoint
     args.remove("--model.overrides")
     cli = DSV3CLI(args=["validate", *args, "--ckpt_path", ckpt])
@@ -104,11 +102,15 @@ def test_bad_input_gets_one_clear_line(small, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "nope.yaml")])
     assert "nope.yaml" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_step: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", TINY_YAML, "--config", str(typo)])
+    assert "max_step" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_shape_is_refused(small, tmp_path, capsys):
-    _fit(small(max_steps=2, val_check_interval=2))
-    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+def test_checkpoint_of_another_shape_is_refused(small, trained_ckpt, capsys):
+    ckpt = str(trained_ckpt)
     assert main(["validate", *small(), "--model.overrides.hidden_size=48", "--ckpt_path", ckpt]) == 2
     err = capsys.readouterr().err
     assert "another shape" in err and "hidden_size: checkpoint 32, config 48" in err

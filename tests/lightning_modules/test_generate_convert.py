@@ -11,11 +11,9 @@ from models import generate
 from tests.lightning_modules.conftest import small_args
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fit")
-    DSV3CLI(args=["fit", *small_args(tmp, max_steps=2, val_check_interval=2)])
-    return tmp / "ckpt" / "last.ckpt"
+@pytest.fixture
+def trained(trained_ckpt):
+    return trained_ckpt
 
 
 def test_generate_prints_the_models_greedy_continuation(trained, capsys):

@@ -1,0 +1,85 @@
+"""Per-block ``torch.compile`` and activation checkpointing, applied to a built DeepSeekV3 from outside.
+
+Both act on the transformer blocks (main layers and the MTP modules' blocks) in place, so parameter names and
+state-dict keys do not change: no ``_orig_mod`` or ``_checkpoint_wrapped_module`` prefixes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+AC_MODES = ("none", "full", "selective")
+
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention (costly to recompute); everything
+# else (norms, RoPE, SwiGLU, routing, permutations) is recomputed in the backward pass.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._grouped_mm.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+}
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a DeepSeekV3: ``model.layers`` then each MTP module's ``block``."""
+    return list(model.layers) + [module.block for module in model.mtp]
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ANN001
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.Module:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    Args:
+        model: A DeepSeekV3 (before ``compile_blocks``).
+        mode: ``"none"``; ``"full"`` keeps only each block's input; ``"selective"`` also keeps the outputs of
+            matmuls, grouped GEMMs and attention and recomputes the cheap elementwise ops.
+
+    Returns:
+        The same model.
+    """
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    for block in blocks(model):
+        block.forward = _checkpointed(block.forward, selective=mode == "selective")
+    return model
+
+
+def _checkpointed(forward: Callable, selective: bool) -> Callable:
+    # A plain function, not functools.partial(checkpoint, ...): torch.compile starts tracing at the first frame
+    # outside torch's own files, and must see this one to capture the checkpoint region.
+    kwargs = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)} if selective else {}
+
+    @functools.wraps(forward)
+    def forward_with_ac(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs, **kw)
+
+    return forward_with_ac
+
+
+def compile_blocks(model: nn.Module, fullgraph: bool = False, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` each transformer block in place (compiled once and reused: the blocks share code).
+
+    Head, loss and embedding stay eager: the chunked cross-entropy is already fused by hand.
+
+    Args:
+        model: A DeepSeekV3 (after ``apply_activation_checkpointing`` if used).
+        fullgraph: Fail on graph breaks instead of splitting the block.
+        **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``backend``, ...).
+
+    Returns:
+        The same model.
+    """
+    for block in blocks(model):
+        block.compile(fullgraph=fullgraph, **compile_kwargs)
+    return model
