@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import moe_stats
 from models.moe import _in_backward
@@ -53,8 +54,7 @@ def load_heatmap(load_RC: torch.Tensor, vmax: float = 2.0, cell: int | None = No
 class RouterEntropy:
     """Forward hooks on the gates that sum the entropy of each token's normalised affinities, per layer.
 
-    Attached only for the micro-batches of a logging step. The hook functions and accumulators are made once
-    and reused, so a ``torch.compile``-d block sees the same two states (hooked or not) every time.
+    Attached only for the micro-batches of a logging step; the hook functions and accumulators are made once.
     """
 
     def __init__(self, gates: list[torch.nn.Module], device: torch.device) -> None:
@@ -90,16 +90,22 @@ class RouterEntropy:
             handle.remove()
         self._handles = []
 
-    def read(self) -> torch.Tensor:
+    def read(self) -> torch.Tensor | None:
         """Detach, and return the (L,) mean entropy over all ranks' tokens since the last read (a collective when
-        distributed); the sums restart from zero."""
+        distributed), or None when the hooks saw no token; the sums restart from zero.
+
+        A block compiled with ``torch.compile`` before the hooks were attached does not run them (Dynamo does not
+        guard on module hooks by default), hence None rather than a false zero.
+        """
         self.detach()
         stats_2L = torch.stack((self.sum_L, self.tokens_L))
         self.sum_L.zero_()
         self.tokens_L.zero_()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats_2L)
-        return (stats_2L[0] / stats_2L[1].clamp_min(1)).float()
+        if not stats_2L[1].all():
+            return None
+        return (stats_2L[0] / stats_2L[1]).float()
 
 
 class MoELoadMonitor(Callback):
@@ -123,8 +129,9 @@ class MoELoadMonitor(Callback):
     Args:
         log_every_n_steps: Scalar interval in optimizer steps; ``None`` = the Trainer's ``log_every_n_steps``.
         image_every_n_steps: Image/histogram interval; ``None`` = 10 x the scalar interval.
-        router_entropy: Measure the router entropy (gate hooks on logging steps only; a ``torch.compile``-d
-            block then has a second, hooked, graph: one extra compilation per block, then cached).
+        router_entropy: Measure the router entropy (gate hooks on logging steps only). Eager mode only: blocks
+            compiled with ``torch.compile`` do not run hooks attached later, and the monitor then warns once and
+            stops measuring it.
     """
 
     def __init__(
@@ -166,9 +173,7 @@ class MoELoadMonitor(Callback):
             return
         metrics = self.metrics(loads, pl_module)
         if self._entropy is not None and self._entropy.attached:
-            entropy_L = self._entropy.read().tolist()
-            metrics.update({f"moe/layer{i}/router_entropy": h for i, h in zip(loads.layer_ids, entropy_L, strict=True)})
-            metrics["moe/router_entropy"] = sum(entropy_L) / len(entropy_L)
+            metrics.update(self._entropy_metrics(loads.layer_ids))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.global_step % image_every == 0 and trainer.is_global_zero:
@@ -178,6 +183,20 @@ class MoELoadMonitor(Callback):
         if self._entropy is not None:
             self._entropy.detach()
             self._entropy = None
+
+    def _entropy_metrics(self, layer_ids: list[int]) -> dict[str, float]:
+        entropy_L = self._entropy.read()
+        if entropy_L is None:
+            rank_zero_warn(
+                "MoELoadMonitor: the gate hooks saw no token, so no router entropy is logged; compiled blocks do not "
+                "run hooks attached after compilation. Set router_entropy=False to silence this."
+            )
+            self._entropy = None
+            return {}
+        values = entropy_L.tolist()
+        metrics = {f"moe/layer{i}/router_entropy": h for i, h in zip(layer_ids, values, strict=True)}
+        metrics["moe/router_entropy"] = sum(values) / len(values)
+        return metrics
 
     @staticmethod
     def metrics(loads: moe_stats.StepLoads, pl_module: LightningModule) -> dict[str, float]:

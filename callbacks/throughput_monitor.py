@@ -58,7 +58,6 @@ class ThroughputMonitor(Callback):
         self._reset_window()
         self._t_last: float | None = None
         self._started = False
-        self._bar: dict[str, float] = {}
 
     def _reset_window(self) -> None:
         self._tokens, self._steps, self._elapsed = 0, 0, 0.0
@@ -77,7 +76,7 @@ class ThroughputMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tracker.reset(trainer)
         self._reset_window()
-        self._t_last, self._started, self._bar = None, False, {}
+        self._t_last, self._started = None, False
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -91,8 +90,6 @@ class ThroughputMonitor(Callback):
                 self._reset_window()
             elif trainer.global_step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0:
                 self._log(trainer, pl_module, seq_len)
-        for name, value in self._bar.items():
-            pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, seq_len: int) -> None:
         now = self._now(pl_module)
@@ -105,7 +102,10 @@ class ThroughputMonitor(Callback):
             metrics["perf/mfu"] = config.flops_per_token(seq_len) * tokens_per_s / (peak * trainer.world_size)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self._bar = {k: v for k, v in metrics.items() if k in ("perf/tokens_per_s", "perf/mfu")}
+        # Lightning keeps progress-bar values until they are logged again: no per-step log (a host-to-device copy).
+        for name in ("perf/tokens_per_s", "perf/mfu"):
+            if name in metrics:
+                pl_module.log(name, metrics[name], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self._reset_window()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -262,3 +262,26 @@ def test_max_vio_falls_with_balancing_and_stays_high_without():
     assert balanced[0] > 2.5 and free[0] > 2.5  # experts 0-2 take (almost) every token: MaxVio 3 = E/K - 1
     assert sum(balanced[-50:]) / 50 < 0.3
     assert sum(free[-50:]) / 50 > 2.0
+
+
+class _SaveRankState(pl.Callback):
+    def __init__(self, out, balancing: ExpertBiasBalancing) -> None:
+        self.out, self.balancing = out, balancing
+
+    def on_train_end(self, trainer, pl_module):
+        biases = torch.stack([m.gate.e_score_correction_bias for m in pl_module.model.moe_layers()])
+        state = {"biases": biases, "callback": self.balancing.state_dict()}
+        torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.distributed
+def test_ddp_trainer_ranks_agree(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory):
+    balancing = ExpertBiasBalancing(gamma=0.01)
+    callbacks = [balancing, _SaveRankState(tmp_path, balancing)]
+    trainer = trainer_factory(tmp_path, callbacks, max_steps=3, strategy="ddp_fork", devices=2)
+    trainer.fit(lit_factory(tiny_config), loader_factory(tiny_config, n_batches=6))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["biases"].abs().sum() > 0
+    torch.testing.assert_close(ranks[0]["biases"], ranks[1]["biases"], rtol=0, atol=0)
+    # Each rank trains 3 batches of 4 x 16 tokens; the counts (hence tokens_seen) are global.
+    assert ranks[0]["callback"] == ranks[1]["callback"] == {"tokens_seen": 2 * 3 * 4 * 16, "num_updates": 3}
