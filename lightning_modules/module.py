@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -150,6 +151,15 @@ class DeepSeekV3LitModule(LightningModule):
         return self.model(input_ids, **kwargs)
 
     # ------------------------------------------------------------------ steps
+    def on_fit_start(self) -> None:
+        # With `default_hp_metric: false` Lightning writes no HParams record at all. Write one that names hp_metric
+        # (NaN until the first validation logs it), so that TensorBoard's HParams tab lists and compares the run.
+        datamodule = self.trainer.datamodule
+        hparams = {**(datamodule.hparams_initial if datamodule is not None else {}), **self.hparams}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.cli import DSV3CLI, main
 from tests.lightning_modules.conftest import ROOT, TINY_YAML
@@ -47,6 +48,12 @@ def test_fit_logs_every_metric_and_writes_checkpoints(small, tmp_path):
     # TensorBoard got the scalars and the hparams (with hp_metric)
     events = list((tmp_path / "runs").rglob("events.out.tfevents*"))
     assert events and (tmp_path / "runs" / "tiny" / "version_0" / "hparams.yaml").is_file()
+    tags = set()
+    for event in events:
+        accumulator = EventAccumulator(str(event))
+        accumulator.Reload()
+        tags |= set(accumulator.summary_metadata)
+    assert "_hparams_/session_start_info" in tags  # the HParams tab lists the run
 
 
 def test_lr_schedule_and_clipping_reach_the_optimizer(small):
