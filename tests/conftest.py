@@ -35,6 +35,15 @@ def tiny_config() -> DeepSeekV3Config:
     )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning slows them ~100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_restore_globals():
     torch.manual_seed(0)

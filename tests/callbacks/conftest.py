@@ -51,12 +51,8 @@ def make_trainer(tmp_path, callbacks, max_steps: int, **kwargs) -> pl.Trainer:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The callback tests run tiny matmuls: one intra-op thread is as fast, and does not thrash a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every callback test runs on one intra-op thread (the root conftest's ``one_thread``)."""
 
 
 @pytest.fixture

@@ -75,12 +75,7 @@ DEEPSEEK_V3_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(config: DeepSeekV3Config) -> DeepSeekV3:

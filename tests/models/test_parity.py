@@ -19,7 +19,10 @@ from safetensors.torch import save_file
 from models import DeepSeekV3, DeepSeekV3Config, load_hf_checkpoint, save_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's n_shared_experts=0
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),  # HF's n_shared_experts=0
+    pytest.mark.usefixtures("one_thread"),
+]
 
 YARN = {
     "rope_type": "yarn",
@@ -48,15 +51,6 @@ CASES = {
     # rotate-half RoPE layout: the loader permutes the RoPE rows of q_b_proj and kv_a_proj_with_mqa
     "rope_not_interleaved": {"rope_interleave": False, "num_experts_per_tok": 2, "topk_group": 2},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core CI box OpenMP spinning makes each op ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _hf_config(seed: int, **case):
