@@ -410,6 +410,8 @@ def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, devi
             timer.mark()
         for j in range(v.grad_accum):
             losses.append(step(batches[(i * v.grad_accum + j) % n_batches]))
+        if args.clip_grad_norm > 0:  # as torchtitan's trainer (max_norm 1.0) and the Lightning path do
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i == args.warmup + args.steps - 3 and profiling:
@@ -516,6 +518,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--lightning-config", default="configs/bench-1gpu.yaml", help="ours-lightning: YAML to follow")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last 2 steps")
+    p.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=0.0,
+        help="clip the total grad norm (0 = off); ours-lightning clips as its YAML says",
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
