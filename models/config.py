@@ -287,6 +287,32 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 _NO_YARN = {"rope_factor": 1.0}
 
+# Moonlight-16B-A3B (moonshotai), the published DeepSeek-V3-architecture 16B/3B model.
+_MOONLIGHT_16B_A3B: dict[str, Any] = {
+    "vocab_size": 163840,
+    "hidden_size": 2048,
+    "intermediate_size": 11264,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 16,
+    "q_lora_rank": None,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 2.446,
+    "rope_theta": 50000.0,
+    "max_position_embeddings": 8192,
+    "num_nextn_predict_layers": 0,
+    **_NO_YARN,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the tiny pretraining run: a few M params.
     "tiny": {
@@ -313,30 +339,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_nextn_predict_layers": 1,
         **_NO_YARN,
     },
-    # One-GPU benchmark shape (issue 6).
+    # One-GPU benchmark shape (issue 6): Moonlight's layer widths, 8 layers, DeepSeek-V3's vocabulary and groups.
     "bench-1gpu": {
+        **_MOONLIGHT_16B_A3B,
         "vocab_size": 129280,
-        "hidden_size": 2048,
-        "intermediate_size": 11264,
-        "moe_intermediate_size": 1408,
         "num_hidden_layers": 8,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 16,
-        "q_lora_rank": None,
-        "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64,
-        "v_head_dim": 128,
-        "n_routed_experts": 64,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 6,
         "n_group": 8,
         "topk_group": 4,
-        "routed_scaling_factor": 2.446,
-        "rope_theta": 50000.0,
         "max_position_embeddings": 4096,
-        "num_nextn_predict_layers": 0,
-        **_NO_YARN,
     },
     # DeepSeek-V3's own layer widths, cut to fit one GPU.
     "bench-v3w": {
@@ -363,31 +373,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_nextn_predict_layers": 0,
         **_NO_YARN,
     },
-    # Moonlight-16B-A3B (moonshotai), the published DeepSeek-V3-architecture 16B/3B model.
-    "moonlight-16b-a3b": {
-        "vocab_size": 163840,
-        "hidden_size": 2048,
-        "intermediate_size": 11264,
-        "moe_intermediate_size": 1408,
-        "num_hidden_layers": 27,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 16,
-        "q_lora_rank": None,
-        "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64,
-        "v_head_dim": 128,
-        "n_routed_experts": 64,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 6,
-        "n_group": 1,
-        "topk_group": 1,
-        "routed_scaling_factor": 2.446,
-        "rope_theta": 50000.0,
-        "max_position_embeddings": 8192,
-        "num_nextn_predict_layers": 0,
-        **_NO_YARN,
-    },
+    "moonlight-16b-a3b": _MOONLIGHT_16B_A3B,
     # DeepSeek-V3 671B as released (config.json), with its one MTP module.
     "deepseek-v3-671b": {},
 }
