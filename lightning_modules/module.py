@@ -152,13 +152,7 @@ class DeepSeekV3LitModule(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def on_fit_start(self) -> None:
-        # With `default_hp_metric: false` Lightning writes no HParams record at all. Write one that names hp_metric
-        # (NaN until the first validation logs it), so that TensorBoard's HParams tab lists and compares the run.
-        datamodule = self.trainer.datamodule
-        hparams = {**(datamodule.hparams_initial if datamodule is not None else {}), **self.hparams}
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
+        log_hparams_record(self.trainer, self)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
@@ -283,6 +277,22 @@ def _tokenizer_json(tokenizer: Any) -> str | None:
     """A ``tokenizers.Tokenizer`` (or a transformers fast tokenizer's backend) as JSON; None otherwise."""
     tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
     return tokenizer.to_str() if hasattr(tokenizer, "to_str") else None
+
+
+def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str, Any] | None = None) -> None:
+    """Write the run's HParams record: datamodule and module hyperparameters (plus ``extra``), naming hp_metric.
+
+    With ``default_hp_metric: false`` Lightning writes no HParams record at all; this one names hp_metric (NaN until
+    the first validation logs it), so TensorBoard's HParams tab lists and compares the run. TensorBoard keeps the
+    first record of a run, so a sweep trial writes its own (with the swept values) earlier, in ``setup``.
+    """
+    datamodule = trainer.datamodule
+    hparams = {**(datamodule.hparams_initial if datamodule is not None else {}), **pl_module.hparams, **(extra or {})}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
+        elif extra:  # other loggers already got Lightning's own record; only the extra values are new
+            logger.log_hyperparams(hparams)
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> DeepSeekV3:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_modules.module import log_hparams_record
 from lightning_modules.sweep.samplers import OPTUNA_MISSING, journal_storage, make_pruner
 
 
@@ -29,16 +28,8 @@ class SweepHParams(Callback):
         self.params = dict(params)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.loggers:
-            return
-        hparams = dict(trainer.datamodule.hparams_initial) if trainer.datamodule is not None else {}
-        hparams.update(pl_module.hparams)  # incl. what the module adds after save_hyperparameters
-        hparams.update(self.params)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
-            else:
-                logger.log_hyperparams(hparams)
+        if stage == "fit":
+            log_hparams_record(trainer, pl_module, extra=self.params)
 
 
 class OptunaPruning(Callback):
