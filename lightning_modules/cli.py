@@ -215,12 +215,12 @@ def _existing(path: str, flag: str) -> str:
 # ---------------------------------------------------------------------- entry point
 def sweep_main(argv: list[str]) -> int:
     try:
-        from lightning_modules import sweep
+        import sweeps
     except ImportError as err:
         raise UserError(
             f"the sweep tool is unavailable ({err}); install the extra with pip install -e '.[sweep]'"
         ) from err
-    return sweep.main(argv)
+    return sweeps.main(argv)
 
 
 COMMANDS = {"generate": generate_main, "convert": convert_main, "sweep": sweep_main}

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lightning_modules.sweep.config import SweepConfig, YamlLoader, format_value
+from sweeps.config import SweepConfig, YamlLoader, format_value
 
 
 @dataclass
@@ -111,11 +111,11 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
     flags = resolve_list_flags(cfg.configs, {**_checkpoint_placement(cfg, trial), **cfg.overrides, **trial.params})
     for key, value in {**flags, **logger}.items():
         cmd.append(f"--{key}={format_value(value)}")
-    hparams = {"class_path": "lightning_modules.sweep.callbacks.SweepHParams", "init_args": {"params": trial.params}}
+    hparams = {"class_path": "sweeps.callbacks.SweepHParams", "init_args": {"params": trial.params}}
     cmd.append(f"--trainer.callbacks+={json.dumps(hparams)}")
     if trial.optuna_trial is not None and cfg.pruner.get("type", "median") != "none":
         pruning = {
-            "class_path": "lightning_modules.sweep.callbacks.OptunaPruning",
+            "class_path": "sweeps.callbacks.OptunaPruning",
             "init_args": {
                 "storage": str(cfg.sweep_dir / "optuna.journal"),
                 "study_name": cfg.name,
