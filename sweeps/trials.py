@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from lightning_modules.config_include import config_files
 from sweeps.config import SweepConfig, YamlLoader, format_value
 
 
@@ -62,7 +63,7 @@ def resolve_list_flags(configs: list[str], flags: dict[str, Any]) -> dict[str, A
 
 def _list_from_configs(configs: list[str], dotted: str) -> list[dict[str, Any]]:
     found: Any = []
-    for path in configs:
+    for path in config_files(configs):  # with the files they include, as dsv3 fit reads them
         node: Any = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None

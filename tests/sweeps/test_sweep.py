@@ -191,6 +191,15 @@ def test_each_trial_checkpoints_into_its_own_directory(tmp_path):
     assert checkpoint[0]["init_args"] == {"dirpath": "out/s/trial_007/checkpoints"}
 
 
+def test_callback_lists_come_from_the_files_a_config_includes():
+    # configs/tiny.yaml takes its callbacks from configs/base/callbacks.yaml, as dsv3 fit reads it.
+    key = "trainer.callbacks[ExpertBiasBalancing].init_args.gamma"
+    callbacks = trials.resolve_list_flags([str(ROOT / "configs" / "tiny.yaml")], {key: 0.01})["trainer.callbacks"]
+    names = [c["class_path"].rsplit(".", 1)[-1] for c in callbacks]
+    assert names[0] == "ExpertBiasBalancing" and names[-1] == "ModelCheckpoint" and len(names) >= 4
+    assert callbacks[0]["init_args"] == {"gamma": 0.01}
+
+
 # ---------------------------------------------------------------------------------------------- runner (fake trials)
 def test_grid_sweep_ranks_trials_and_resume_skips_finished(tmp_path, capsys):
     path = write_sweep(tmp_path, parallel=2, base={"overrides": {"trainer.max_steps": 20, "fake.sleep": 1}})
