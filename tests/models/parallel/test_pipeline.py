@@ -94,13 +94,13 @@ def _run_case(rank: int, schedule: str, overlap: bool, ac: str, mtp: int) -> Non
             if want is None:
                 assert got is None, where
             else:
-                torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=lambda m, w=where: f"{w}: {m}")
         torch.testing.assert_close(losses.balance_loss, out.balance_loss.detach(), rtol=1e-5, atol=1e-7)
         names = [n for n, _ in model.named_parameters()]
         assert names and set(names) <= set(ref_params), where
         for name, p in model.named_parameters():
             torch.testing.assert_close(
-                p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{where} {n}: {m}"
+                p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name, w=where: f"{w} {n}: {m}"
             )
         for name, m in model.named_modules():
             if hasattr(m, "tokens_per_expert"):
