@@ -280,9 +280,10 @@ class PipelineRunner:
         args = (tokens,) if self.has_first else ()
         target = tokens if self.has_last else None
         self.schedule.step(*args, target=target)
-        return self._reduce_losses(tokens.device)
+        return self.reduce_losses(tokens.device)
 
-    def _reduce_losses(self, device: torch.device) -> PipelineLosses:
+    def reduce_losses(self, device: torch.device) -> PipelineLosses:
+        """The step's mean losses from the values the stages recorded (one all-reduce over the pp group)."""
         # One all-reduce for [ce, mtp, mtp balance, main balance]: every rank logs the same values.
         n_mb = self.pipeline.microbatches(self.group.size())
         totals = torch.zeros(4, device=device)
