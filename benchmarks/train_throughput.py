@@ -4,7 +4,10 @@ A training step is forward + next-token cross-entropy + backward (x grad-accum m
 master weights and bf16 compute, on random tokens. Each implementation runs ``--warmup`` steps, then
 ``--steps`` timed steps (CUDA events); the table reports the median. MFU counts the model FLOPs of
 ``DeepSeekV3Config.flops_per_token`` (6 x activated matmul params incl. head + causal attention) over the
-measured step time and ``--peak-tflops``, the same for every implementation.
+measured step time, the same for every implementation, against two peaks: ``--peak-tflops`` (default: the
+device's dense bf16 datasheet peak, 989.5 on an H100/H200 SXM, the torchtitan/Megatron convention) and
+``--measured-peak-tflops`` (default: the bf16 matmul rate measured in this project on such a device, 791 on an
+H200); both from ``callbacks.throughput_monitor``, as the training runs log them.
 
 Implementations (``--impl``, comma-separated):
   ours            DeepSeekV3: bf16 params + fp32-master fused AdamW, fused chunked head+CE, cuDNN attention,
@@ -47,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from callbacks.throughput_monitor import datasheet_peak_flops, measured_peak_flops  # noqa: E402
 from models import DeepSeekV3, DeepSeekV3Config  # noqa: E402
 from models.parallel.compile import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from models.parallel.mixed_precision import MasterWeightAdamW  # noqa: E402
@@ -76,6 +80,7 @@ class Result:
     step_ms_all: list[float] = field(default_factory=list)
     tokens_per_s: float = float("nan")
     mfu: float = float("nan")
+    mfu_measured_peak: float = float("nan")
     peak_mem_gib: float = float("nan")
     setup_s: float = float("nan")
     loss: float = float("nan")
@@ -455,7 +460,10 @@ def _fill(
     result.step_ms = statistics.median(times)
     tokens = v.micro_batch * v.grad_accum * args.seq_len
     result.tokens_per_s = tokens / (result.step_ms / 1e3)
-    result.mfu = config.flops_per_token(args.seq_len) * result.tokens_per_s / (args.peak_tflops * 1e12)
+    model_flops = config.flops_per_token(args.seq_len) * result.tokens_per_s
+    result.mfu = model_flops / (args.peak_tflops * 1e12) if args.peak_tflops else float("nan")
+    if args.measured_peak_tflops:
+        result.mfu_measured_peak = model_flops / (args.measured_peak_tflops * 1e12)
     if device.type == "cuda":
         result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -494,9 +502,9 @@ def markdown(results: list[Result], args: argparse.Namespace, device: torch.devi
     lines = [
         header,
         "",
-        "| impl | precision | compile | AC | micro-batch | grad-accum | tokens/s | step ms | MFU | peak GiB "
-        "| x torchtitan (compiled if run) | x transformers |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| impl | precision | compile | AC | micro-batch | grad-accum | tokens/s | step ms | MFU "
+        "| MFU of measured peak | peak GiB | x torchtitan (compiled if run) | x transformers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         v = r.variant
@@ -508,7 +516,8 @@ def markdown(results: list[Result], args: argparse.Namespace, device: torch.devi
         lines.append(
             f"| {v.impl} | {precision} | {'yes' if v.compile else 'no'} | {v.ac} | {v.micro_batch} | {v.grad_accum} "
             f"| {_fmt(r.tokens_per_s, ',.0f') if r.status == 'ok' else r.status} | {_fmt(r.step_ms, '.1f')} "
-            f"| {_fmt(100 * r.mfu, '.1f')} % | {_fmt(r.peak_mem_gib, '.1f')} | {ratios[0]} | {ratios[1]} |"
+            f"| {_fmt(100 * r.mfu, '.1f')} % | {_fmt(100 * r.mfu_measured_peak, '.1f')} % "
+            f"| {_fmt(r.peak_mem_gib, '.1f')} | {ratios[0]} | {ratios[1]} |"
         )
     return "\n".join(lines)
 
@@ -520,7 +529,9 @@ def _header(config: DeepSeekV3Config, args: argparse.Namespace, device: torch.de
         f"`python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`\n\n"
         f"{gpu}, torch {torch.__version__}, {date}; preset {args.preset}, seq {args.seq_len}, "
         f"{config.num_params() / 1e9:.2f}B params, {config.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token, "
-        f"MFU of {args.peak_tflops:g} TFLOP/s; median of {args.steps} steps after {args.warmup} warm-up"
+        f"MFU of {args.peak_tflops or float('nan'):g} TFLOP/s (datasheet dense bf16) and of "
+        f"{args.measured_peak_tflops or float('nan'):g} (measured); median of {args.steps} steps after {args.warmup} "
+        "warm-up"
     )
 
 
@@ -536,7 +547,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ac", default="none", help="ours: activation checkpointing none|selective|full, comma list")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=791.0, help="dense bf16 peak measured on the H200")
+    p.add_argument("--peak-tflops", type=float, help="MFU peak of one device (default: its dense bf16 datasheet peak)")
+    p.add_argument(
+        "--measured-peak-tflops", type=float, help="second MFU peak (default: the bf16 matmul rate measured here)"
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--lightning-config", default="configs/bench-1gpu.yaml", help="ours-lightning: YAML to follow")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last 2 steps")
@@ -577,6 +591,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    for name, lookup in (("peak_tflops", datasheet_peak_flops), ("measured_peak_tflops", measured_peak_flops)):
+        if getattr(args, name) is None and lookup(device) is not None:
+            setattr(args, name, lookup(device) / 1e12)
     overrides = {"max_position_embeddings": max(args.seq_len, 1)} if args.preset == "tiny" else {}
     config = DeepSeekV3Config.from_preset(args.preset, **overrides)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -594,7 +611,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         _cleanup(device)
         results.append(r)
         print(
-            f"   {r.status} {r.tokens_per_s:,.0f} tok/s, {r.step_ms:.1f} ms, MFU {100 * r.mfu:.1f} %, "
+            f"   {r.status} {r.tokens_per_s:,.0f} tok/s, {r.step_ms:.1f} ms, MFU {100 * r.mfu:.1f} % "
+            f"({100 * r.mfu_measured_peak:.1f} % of measured), "
             f"{r.peak_mem_gib:.1f} GiB, loss {r.loss:.3f}, setup {r.setup_s:.0f} s",
             flush=True,
         )

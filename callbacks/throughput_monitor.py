@@ -6,12 +6,40 @@ import time
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.optimizer_step import OptimizerStepTracker
 
-# Dense bf16 matmul FLOP/s measured on one H200 in this project (the datasheet says 989.5e12).
-H200_BF16_PEAK_FLOPS = 791e12
+# Dense bf16 FLOP/s by the vendor datasheets (no sparsity) that Lightning's table lacks: torch names the H200 SXM
+# plainly "NVIDIA H200", which get_available_flops does not match (it knows "h200 sxm1"/"h200 nvl1", and with the
+# datasheet's with-sparsity figures, twice the dense ones). First match wins.
+DATASHEET_BF16_FLOPS = {"h200 nvl": 835.5e12, "h200": 989.5e12}
+# Dense bf16 matmul FLOP/s measured in this project (8192^3 products on random data, 770-791 TFLOP/s on one H200
+# SXM), by exact device name: the second MFU, against what a device of that kind reaches in practice.
+MEASURED_BF16_FLOPS = {"nvidia h200": 791e12}
+
+
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device).lower() if device.type == "cuda" else None
+
+
+def datasheet_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of ONE ``device`` by its datasheet, the denominator torchtitan, Megatron and papers use.
+
+    ``DATASHEET_BF16_FLOPS`` for what Lightning lacks, else Lightning's ``get_available_flops``; None on a CPU or a
+    device neither knows.
+    """
+    name = _device_name(device)
+    if name is None:
+        return None
+    found = next((flops for key, flops in DATASHEET_BF16_FLOPS.items() if key in name), None)
+    return found if found is not None else get_available_flops(device, torch.bfloat16)
+
+
+def measured_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 matmul FLOP/s measured in this project on a device of this kind (an H200: 791e12), or None."""
+    return MEASURED_BF16_FLOPS.get(_device_name(device))
 
 
 def batch_tokens(batch: Any) -> tuple[int, int]:
@@ -37,27 +65,40 @@ class ThroughputMonitor(Callback):
     held up; the first optimizer step (warm-up, compilation) and validation are left out of the timing. Tokens
     count every rank: ``trainer.world_size`` x local tokens (data-parallel ranks each read their own batch).
 
-    Metrics: ``perf/tokens_per_s`` (global), ``perf/step_time_s`` (mean seconds per optimizer step), and
-    ``perf/mfu`` = ``config.flops_per_token(S)`` x tokens/s / (``peak_flops`` x world size), the fraction of the
-    devices' peak used by the model's matmuls and attention. tokens/s and MFU also go to the progress bar.
+    Metrics: ``perf/tokens_per_s`` (global), ``perf/step_time_s`` (mean seconds per optimizer step),
+    ``perf/mfu`` = ``config.flops_per_token(S)`` x tokens/s / (peak x world size), the fraction of the devices'
+    dense bf16 datasheet peak used by the model's matmuls and attention (the usual MFU), and
+    ``perf/mfu_measured_peak``, the same over the matmul rate measured on such a device (``MEASURED_BF16_FLOPS``),
+    where one is known. tokens/s and MFU also go to the progress bar.
 
     Args:
         log_every_n_steps: Interval in optimizer steps; ``None`` = the Trainer's ``log_every_n_steps``.
-        peak_flops: Peak FLOP/s of ONE device. ``None``: 791e12 (bf16 dense, measured on an H200) on CUDA; on
-            other devices MFU is not logged unless given.
+        peak_flops: Peak FLOP/s of ONE device for ``perf/mfu``. ``None``: the datasheet's dense bf16 peak of the
+            device present (``datasheet_peak_flops``: 989.5e12 on an H100/H200 SXM); MFU is not logged on a CPU or
+            an unknown device unless given.
+        measured_peak_flops: FLOP/s of ONE device for ``perf/mfu_measured_peak``. ``None``: this project's
+            measurement for the device present (791e12 on an H200), else that metric is not logged.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        peak_flops: float | None = None,
+        measured_peak_flops: float | None = None,
+    ) -> None:
         if log_every_n_steps is not None and log_every_n_steps <= 0:
             raise ValueError(f"log_every_n_steps must be a positive number of steps or None, got {log_every_n_steps}")
-        if peak_flops is not None and peak_flops <= 0:
-            raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device) or None, got {peak_flops}")
+        for name, value in (("peak_flops", peak_flops), ("measured_peak_flops", measured_peak_flops)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 (FLOP/s of one device) or None, got {value}")
         self.log_every_n_steps = log_every_n_steps
         self.peak_flops = peak_flops
+        self.measured_peak_flops = measured_peak_flops
         self._tracker = OptimizerStepTracker()
         self._reset_window()
         self._t_last: float | None = None
         self._started = False
+        self._peaks: dict[str, float | None] = {}
 
     def _reset_window(self) -> None:
         self._tokens, self._steps, self._elapsed = 0, 0, 0.0
@@ -68,12 +109,12 @@ class ThroughputMonitor(Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
-    def _peak(self, pl_module: LightningModule) -> float | None:
-        if self.peak_flops is None and pl_module.device.type == "cuda":
-            return H200_BF16_PEAK_FLOPS
-        return self.peak_flops
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = pl_module.device
+        self._peaks = {
+            "perf/mfu": self.peak_flops or datasheet_peak_flops(device),
+            "perf/mfu_measured_peak": self.measured_peak_flops or measured_peak_flops(device),
+        }
         self._tracker.reset(trainer)
         self._reset_window()
         self._t_last, self._started = None, False
@@ -97,9 +138,10 @@ class ThroughputMonitor(Callback):
         self._t_last = now
         tokens_per_s = self._tokens * trainer.world_size / self._elapsed
         metrics = {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": self._elapsed / self._steps}
-        peak, config = self._peak(pl_module), getattr(getattr(pl_module, "model", None), "config", None)
-        if peak is not None and config is not None:
-            metrics["perf/mfu"] = config.flops_per_token(seq_len) * tokens_per_s / (peak * trainer.world_size)
+        config = getattr(getattr(pl_module, "model", None), "config", None)
+        for name, peak in self._peaks.items():
+            if peak is not None and config is not None:
+                metrics[name] = config.flops_per_token(seq_len) * tokens_per_s / (peak * trainer.world_size)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         # Lightning keeps progress-bar values until they are logged again: no per-step log (a host-to-device copy).

@@ -37,6 +37,9 @@ def test_lightning_peer_is_built_from_the_config_through_the_cli(one_thread):
 
 
 def test_cpu_smoke_runs_the_lightning_peer(tmp_path, one_thread):
-    (result,) = tt.main([*SMOKE, "--impl", "ours-lightning", "--micro-batch", "2", "--out", str(tmp_path)])
+    peaks = ["--peak-tflops", "1", "--measured-peak-tflops", "2"]  # a CPU has neither by default
+    (result,) = tt.main([*SMOKE, *peaks, "--impl", "ours-lightning", "--micro-batch", "2", "--out", str(tmp_path)])
     assert result.status == "ok" and result.tokens_per_s > 0 and math.isfinite(result.loss)
+    flops = DeepSeekV3Config.from_preset("tiny", max_position_embeddings=32).flops_per_token(32) * result.tokens_per_s
+    assert result.mfu == flops / 1e12 and result.mfu_measured_peak == flops / 2e12
     assert (tmp_path / "table.md").read_text().count("ours-lightning") == 1

@@ -52,12 +52,46 @@ def test_batch_tokens():
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="peak_flops"):
         ThroughputMonitor(peak_flops=0)
+    with pytest.raises(ValueError, match="measured_peak_flops"):
+        ThroughputMonitor(measured_peak_flops=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "datasheet", "measured"),
+    [
+        ("NVIDIA H200", 989.5e12, 791e12),  # torch's name for the SXM part; Lightning's table has no match
+        ("NVIDIA H200 NVL", 835.5e12, None),
+        ("NVIDIA H100 80GB HBM3", 989.4e12, None),  # from Lightning's get_available_flops
+        ("NVIDIA A100-SXM4-80GB", 312e12, None),
+        ("Some Future GPU", None, None),
+    ],
+)
+def test_peaks_of_the_device_present(monkeypatch, name, datasheet, measured):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    assert tm.datasheet_peak_flops(cuda) == datasheet and tm.measured_peak_flops(cuda) == measured
+    monitor = ThroughputMonitor()
+    monitor.on_train_start(_FakeTrainer(), _FakeModule(cuda))
+    assert monitor._peaks == {"perf/mfu": datasheet, "perf/mfu_measured_peak": measured}
+    custom = ThroughputMonitor(peak_flops=1e15, measured_peak_flops=5e14)
+    custom.on_train_start(_FakeTrainer(), _FakeModule(cuda))
+    assert custom._peaks == {"perf/mfu": 1e15, "perf/mfu_measured_peak": 5e14}
+    assert tm.datasheet_peak_flops(torch.device("cpu")) is None and tm.measured_peak_flops(torch.device("cpu")) is None
+
+
+class _FakeTrainer:
+    global_step = 0
+
+
+class _FakeModule:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
 
 def test_tokens_per_s_and_mfu(monkeypatch, tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory):
     monkeypatch.setattr(tm.time, "perf_counter", _Clock())
     logger = _RecordingLogger()
-    monitor = ThroughputMonitor(log_every_n_steps=2, peak_flops=1e6)
+    monitor = ThroughputMonitor(log_every_n_steps=2, peak_flops=1e6, measured_peak_flops=5e5)
     trainer = trainer_factory(tmp_path, [monitor], max_steps=5, logger=logger, accumulate_grad_batches=2)
     trainer.fit(lit_factory(tiny_config), loader_factory(tiny_config, n_batches=10, batch_size=4, seq_len=16))
     # Clock read at the end of step 1 (t=10, start), then at steps 2 (t=20) and 4 (t=30): step 5 is not logged.
@@ -69,6 +103,7 @@ def test_tokens_per_s_and_mfu(monkeypatch, tmp_path, tiny_config, lit_factory, l
     assert second["perf/tokens_per_s"] == pytest.approx(256 / 10)
     assert second["perf/step_time_s"] == pytest.approx(5)
     assert second["perf/mfu"] == pytest.approx(tiny_config.flops_per_token(16) * 25.6 / 1e6)
+    assert second["perf/mfu_measured_peak"] == pytest.approx(2 * second["perf/mfu"])
     assert trainer.progress_bar_metrics["perf/tokens_per_s"] == pytest.approx(25.6)
 
 
@@ -94,4 +129,4 @@ def test_validation_time_is_excluded(monkeypatch, tmp_path, tiny_config, lit_fac
     ((step, metrics),) = logger.metrics
     assert step == 3
     assert metrics["perf/tokens_per_s"] == pytest.approx(32 / 20)
-    assert "perf/mfu" not in metrics  # CPU without a peak given
+    assert "perf/mfu" not in metrics and "perf/mfu_measured_peak" not in metrics  # CPU without a peak given
