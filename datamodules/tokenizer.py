@@ -127,6 +127,33 @@ def load_tokenizer(spec: str) -> Tokenizer:
         ) from err
 
 
+def save_pretrained(
+    tokenizer: Tokenizer, folder: str | os.PathLike, eos_token_id: int | None, model_max_length: int | None = None
+) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``, as a Hugging Face model folder has them.
+
+    ``transformers.AutoTokenizer.from_pretrained(folder)`` then loads it as a ``PreTrainedTokenizerFast`` with the
+    EOS token (also its BOS: documents are separated by EOS, and generation from nothing starts with it) and the
+    FIM tokens as special tokens; ``load_tokenizer(folder)`` and ``eos_token_id(tokenizer, folder, None)`` read
+    them back.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eos = tokenizer.id_to_token(eos_token_id) if eos_token_id is not None else None
+    fim = [t for t in FIM_TOKENS if tokenizer.token_to_id(t) is not None]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "bos_token": eos,
+        "additional_special_tokens": fim,
+        "clean_up_tokenization_spaces": False,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def eos_token_id(tokenizer: Tokenizer, spec: str | None, eos_token: str | None) -> int:
     """The id of the end-of-document token.
 

@@ -24,14 +24,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
-from lightning_modules.config_include import PARSER_MODE, expand_config_args
-from lightning_modules.module import (
-    DeepSeekV3LitModule,
+from lightning_modules.checkpoint_contents import (
     checkpoint_from_model,
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.config_include import PARSER_MODE, expand_config_args
+from lightning_modules.module import DeepSeekV3LitModule
 
 OVERVIEW = """\
 usage: dsv3 {fit,validate,test,generate,convert,sweep} [options]
@@ -224,8 +224,8 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 
 def convert_main(argv: list[str]) -> int:
-    """``dsv3 convert``: Lightning checkpoint <-> HF folder."""
-    from models import load_hf_checkpoint, save_hf_checkpoint
+    """``dsv3 convert``: Lightning checkpoint <-> HF folder, with the tokenizer when there is one."""
+    from models import load_hf_checkpoint
 
     parser = _convert_parser()
     args = parser.parse_args(argv)
@@ -233,16 +233,42 @@ def convert_main(argv: list[str]) -> int:
     if args.ckpt_path:
         if not args.to_hf:
             parser.error("--ckpt_path needs --to_hf OUT_DIR")
-        model = model_from_checkpoint(_read_checkpoint(_existing(args.ckpt_path, "--ckpt_path")))
-        save_hf_checkpoint(model, args.to_hf, dtype=dtype)
+        _checkpoint_to_hf(_read_checkpoint(_existing(args.ckpt_path, "--ckpt_path")), args.to_hf, dtype)
         print(f"wrote {args.to_hf}")
     else:
         if not args.to_ckpt:
             parser.error("--hf_path needs --to_ckpt OUT.ckpt")
         model = load_hf_checkpoint(_existing(args.hf_path, "--hf_path"), dtype=dtype)
-        AtomicCheckpointIO().save_checkpoint(checkpoint_from_model(model), args.to_ckpt)
-        print(f"wrote {args.to_ckpt}")
+        tokenizer, eos_id = _hf_tokenizer(args.hf_path)
+        AtomicCheckpointIO().save_checkpoint(checkpoint_from_model(model, tokenizer, eos_id), args.to_ckpt)
+        print(f"wrote {args.to_ckpt}" + ("" if tokenizer else " (the folder has no tokenizer.json: none saved)"))
     return 0
+
+
+def _checkpoint_to_hf(checkpoint: dict[str, Any], folder: str, dtype: torch.dtype | None) -> None:
+    """Weights and config.json, then tokenizer.json + tokenizer_config.json when the checkpoint carries a tokenizer
+    (with config.json's eos/bos ids set to the tokenizer's EOS)."""
+    from datamodules.tokenizer import save_pretrained
+    from models import save_hf_checkpoint
+
+    model = model_from_checkpoint(checkpoint)
+    if "tokenizer" not in checkpoint:
+        save_hf_checkpoint(model, folder, dtype=dtype)
+        return
+    tokenizer, eos_id = tokenizer_from_checkpoint(checkpoint)
+    ids = {} if eos_id is None else {"eos_token_id": eos_id, "bos_token_id": eos_id}
+    save_hf_checkpoint(model, folder, dtype=dtype, token_ids=ids)
+    save_pretrained(tokenizer, folder, eos_id, model_max_length=model.config.max_position_embeddings)
+
+
+def _hf_tokenizer(folder: str) -> tuple[Any, int | None]:
+    """(tokenizer, EOS id) of an HF folder's tokenizer.json and tokenizer_config.json; (None, None) without one."""
+    from datamodules.tokenizer import eos_token_id, load_tokenizer
+
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return None, None
+    tokenizer = load_tokenizer(folder)
+    return tokenizer, eos_token_id(tokenizer, folder, None)
 
 
 def _existing(path: str, flag: str) -> str:

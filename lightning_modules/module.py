@@ -18,29 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from callbacks.moe_counts import MoECounts
+from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
-from models.rope import rope_freqs_cis
-
-# Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_hidden_layers",
-    "first_k_dense_replace",
-    "num_attention_heads",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "n_routed_experts",
-    "n_shared_experts",
-    "num_nextn_predict_layers",
-    "tie_word_embeddings",
-)
 
 
 def build_config(
@@ -245,7 +225,7 @@ class DeepSeekV3LitModule(LightningModule):
         checkpoint["tokens_seen"] = self.tokens_seen
         # The tokenizer travels with the weights, so `dsv3 generate` needs nothing but the checkpoint.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = _tokenizer_json(getattr(datamodule, "tokenizer", None))
+        tokenizer = tokenizer_json(getattr(datamodule, "tokenizer", None))
         if tokenizer is not None:
             checkpoint["tokenizer"] = tokenizer
             checkpoint["eos_token_id"] = getattr(datamodule, "eos_token_id", None)
@@ -257,30 +237,6 @@ class DeepSeekV3LitModule(LightningModule):
             self.config = DeepSeekV3Config.from_dict(saved)
         check_compatible(saved, self.config)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-
-
-def check_compatible(saved: dict[str, Any] | None, config: DeepSeekV3Config) -> None:
-    """Raise a ``ValueError`` naming every shape field where a checkpoint's model differs from ``config``."""
-    if saved is None:
-        return
-    diff = [
-        f"{k}: checkpoint {saved[k]!r}, config {getattr(config, k)!r}"
-        for k in SHAPE_FIELDS
-        if k in saved and saved[k] != getattr(config, k)
-    ]
-    if diff:
-        raise ValueError(
-            "the checkpoint's model has another shape than the configured one ("
-            + "; ".join(diff)
-            + "). Use the model config the checkpoint was trained with, or leave model.preset/overrides out of the "
-            "config files and flags to take them from the checkpoint."
-        )
-
-
-def _tokenizer_json(tokenizer: Any) -> str | None:
-    """A ``tokenizers.Tokenizer`` (or a transformers fast tokenizer's backend) as JSON; None otherwise."""
-    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    return tokenizer.to_str() if hasattr(tokenizer, "to_str") else None
 
 
 def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str, Any] | None = None) -> None:
@@ -297,44 +253,3 @@ def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str
             logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
         elif extra:  # other loggers already got Lightning's own record; only the extra values are new
             logger.log_hyperparams(hparams)
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> DeepSeekV3:
-    """The ``DeepSeekV3`` stored in a checkpoint written by this module (or ``checkpoint_from_model``)."""
-    if "model_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError("not a dsv3 checkpoint: it lacks 'model_config'/'state_dict' (was it written by dsv3 fit?)")
-    config = DeepSeekV3Config.from_dict(checkpoint["model_config"])
-    with torch.device("meta"):
-        model = DeepSeekV3(config)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.to_empty(device=device)
-    model.load_state_dict(state)
-    # Non-persistent buffers are not in the checkpoint: the RoPE table and the (zeroed) load counters.
-    model.freqs_cis = rope_freqs_cis(config, torch.device(device))
-    for moe in model.moe_layers():
-        moe.tokens_per_expert.zero_()
-    return model
-
-
-def tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Any, int | None]:
-    """(``tokenizers.Tokenizer``, EOS id) saved in a checkpoint by ``fit``."""
-    if "tokenizer" not in checkpoint:
-        raise ValueError("this checkpoint carries no tokenizer (it was not written by dsv3 fit with a datamodule)")
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(checkpoint["tokenizer"]), checkpoint.get("eos_token_id")
-
-
-def checkpoint_from_model(model: DeepSeekV3) -> dict[str, Any]:
-    """A Lightning checkpoint holding ``model`` (weights and config, no optimizer): for validate/test/generate."""
-    import lightning
-
-    config = model.config.to_dict()
-    return {
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "hyper_parameters": {"preset": "deepseek-v3-671b", "overrides": config, "model_config": config},
-        "model_config": config,
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-    }

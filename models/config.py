@@ -12,6 +12,26 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# Fields that change a parameter's shape: weights saved with other values cannot be loaded.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_nextn_predict_layers",
+    "tie_word_embeddings",
+)
+
 
 @dataclass
 class DeepSeekV3Config:
@@ -270,6 +290,27 @@ class DeepSeekV3Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def shape_mismatches(self, saved: dict[str, Any]) -> list[str]:
+        """``"field: checkpoint X, config Y"`` for every ``SHAPE_FIELDS`` entry where the config dict ``saved``
+        (e.g. a checkpoint's ``model_config``) differs from this config: weights of one do not load into the other."""
+        return [
+            f"{k}: checkpoint {saved[k]!r}, config {getattr(self, k)!r}"
+            for k in SHAPE_FIELDS
+            if k in saved and saved[k] != getattr(self, k)
+        ]
+
+    def closest_preset(self) -> tuple[str, dict[str, Any]]:
+        """``(name, overrides)`` with ``from_preset(name, **overrides) == self`` and the fewest overrides: how to
+        write this config as a preset plus changes (a model read from a Hugging Face folder has no preset)."""
+        mine = self.to_dict()
+        best: tuple[str, dict[str, Any]] | None = None
+        for name, fields in PRESETS.items():
+            preset = type(self)(**fields).to_dict()
+            diff = {k: v for k, v in mine.items() if preset[k] != v}
+            if best is None or len(diff) < len(best[1]):
+                best = (name, diff)
+        return best
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DeepSeekV3Config:

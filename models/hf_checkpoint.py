@@ -516,7 +516,11 @@ def _export_tensors(model: DeepSeekV3, dtype: torch.dtype | None) -> Iterator[tu
 
 
 def save_hf_checkpoint(
-    model: DeepSeekV3, path: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    model: DeepSeekV3,
+    path: str | Path,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    token_ids: dict[str, int] | None = None,
 ) -> None:
     """Write ``model`` as a transformers-loadable folder: config.json + safetensors (sharded with an index if large).
 
@@ -530,6 +534,8 @@ def save_hf_checkpoint(
         path: Output folder (created).
         max_shard_size: Bytes per shard, int or a string like ``"5GB"``.
         dtype: Cast floating tensors to this dtype (expert biases stay float32); None keeps the model's dtypes.
+        token_ids: ``config.json`` keys of the tokenizer's special tokens, e.g. ``{"eos_token_id": 0}`` (else
+            transformers' defaults, bos 0 and eos 1, which need not match the tokenizer).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -544,7 +550,8 @@ def save_hf_checkpoint(
         shards[-1].append((key, tensor))
         size += nbytes
     weight_dtype = dtype or model.embed.weight.dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, weight_dtype), indent=2) + "\n")
+    hf_config = {**config_to_hf(model.config, weight_dtype), **(token_ids or {})}
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     if n == 1 and (path / INDEX_FILE).exists():

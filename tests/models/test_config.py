@@ -64,3 +64,18 @@ def test_bench_presets_match_issue_figures():
 def test_kv_cache_holds_only_latent_and_rope_key():
     config = DeepSeekV3Config.from_preset("deepseek-v3-671b")
     assert config.kv_cache_bytes_per_token(2) == 61 * (512 + 64) * 2
+
+
+def test_closest_preset_writes_a_config_as_preset_plus_changes():
+    for name in PRESETS:
+        preset, overrides = DeepSeekV3Config.from_preset(name).closest_preset()
+        assert DeepSeekV3Config.from_preset(preset) == DeepSeekV3Config.from_preset(name) and overrides == {}
+    changed = DeepSeekV3Config.from_preset("tiny", hidden_size=256, n_routed_experts=32)
+    assert changed.closest_preset() == ("tiny", {"hidden_size": 256, "n_routed_experts": 32})
+
+
+def test_shape_mismatches_name_the_fields():
+    config = DeepSeekV3Config.from_preset("tiny")
+    saved = {**config.to_dict(), "hidden_size": 48, "mtp_loss_weight": 0.1}  # the loss weight is no shape
+    assert config.shape_mismatches(saved) == [f"hidden_size: checkpoint 48, config {config.hidden_size}"]
+    assert config.shape_mismatches({}) == []
