@@ -72,6 +72,7 @@ class DSV3CLI(LightningCLI):
     * A config file's ``include: [...]`` files are read before it (``lightning_modules.config_include``).
     * A ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the logger, the same
       folder for every version, so that ``--ckpt_path last`` finds it from a new run.
+    * ``validate``/``test`` log into ``<save_dir>/<name>/validate`` (``/test``), not a new ``version_N`` each time.
     * ``--ckpt_path FILE``: the checkpoint's model hyperparameters become defaults, and what the command line
       and config files say still wins (plain LightningCLI lets the checkpoint override explicit flags).
     * Checkpoints are written atomically (``AtomicCheckpointIO``) unless a config picks another CheckpointIO.
@@ -109,6 +110,8 @@ class DSV3CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         default_checkpoint_dirpath(config.get("trainer"))
+        if self.subcommand in ("validate", "test"):
+            _log_evaluation_into(config.get("trainer"), self.subcommand)
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -149,6 +152,15 @@ def default_checkpoint_dirpath(trainer: Any) -> None:
         init_args = getattr(callback, "init_args", None)
         if _is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
             init_args.dirpath = os.path.join(save_dir, name, "checkpoints")
+
+
+def _log_evaluation_into(trainer: Any, version: str) -> None:
+    """``dsv3 validate``/``test`` log into ``<save_dir>/<name>/validate`` (``test``) rather than a new ``version_N``
+    each time: one folder whose points sit at the steps of the checkpoints evaluated (the LitModule logs them at the
+    checkpoint's ``global_step``). An explicit version stays."""
+    init = getattr(trainer.get("logger") if trainer else None, "init_args", None)
+    if init is not None and "version" in init and init.version is None:
+        init.version = version
 
 
 def _is_model_checkpoint(class_path: str) -> bool:

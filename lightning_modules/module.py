@@ -109,6 +109,7 @@ class DeepSeekV3LitModule(LightningModule):
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
+        self._checkpoint_step = 0  # global step of the loaded checkpoint: where validate/test log
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -184,10 +185,13 @@ class DeepSeekV3LitModule(LightningModule):
             return
         total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
         loss = (total[0] / total[1].clamp_min(1)).float()
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", loss.exp())
-        if hp_metric:
-            self.log("hp_metric", loss)
+        metrics = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), **({"hp_metric": loss} if hp_metric else {})}
+        fitting = self.trainer.state.fn == "fit"
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == f"{stage}/loss", logger=fitting)
+        if not fitting:  # dsv3 validate/test of a checkpoint: the points go at the step it was trained to
+            for logger in self.trainer.loggers:
+                logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self._checkpoint_step)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -237,6 +241,7 @@ class DeepSeekV3LitModule(LightningModule):
             self.config = DeepSeekV3Config.from_dict(saved)
         check_compatible(saved, self.config)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._checkpoint_step = checkpoint.get("global_step", 0)
 
 
 def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str, Any] | None = None) -> None:

@@ -123,10 +123,32 @@ def test_checkpoint_of_another_shape_is_refused(small, trained_ckpt, capsys):
     assert "another shape" in err and "hidden_size: checkpoint 32, config 48" in err
 
 
-def test_console_script_help_and_print_config():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lightning_modules.cli", *a], cwd=ROOT, capture_output=True)
-    overview = run("--help")
-    assert overview.returncode == 0 and b"generate" in overview.stdout and b"convert" in overview.stdout
-    printed = run("fit", "--config", TINY_YAML, "--print_config")
-    assert printed.returncode == 0, printed.stderr.decode()
-    assert b"preset: tiny" in printed.stdout and b"WarmupStableCosineLR" in printed.stdout
+def test_console_script_exits_with_the_commands_status(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", "generate", "--ckpt_path", str(tmp_path / "none.ckpt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stderr.startswith("dsv3 generate: error: --ckpt_path")
+
+
+def test_print_config_is_a_whole_config_that_reprints_itself(tmp_path, capsys):
+    def printed(*configs: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    first = printed(TINY_YAML)
+    (tmp_path / "full.yaml").write_text(first)
+    assert printed(str(tmp_path / "full.yaml")) == first  # nothing left out, nothing taken from elsewhere
+
+
+def test_validate_logs_into_one_folder_however_often_it_runs(small, trained_ckpt, tmp_path):
+    for _ in range(2):
+        assert main(["validate", *small(), "--ckpt_path", str(trained_ckpt)]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["validate"]
+    events = EventAccumulator(str(tmp_path / "runs" / "tiny" / "validate"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 2]  # the checkpoint's step, once per run
