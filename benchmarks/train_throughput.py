@@ -363,6 +363,7 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
         run=False,
         datamodule_class=RandomTokens,
         trainer_defaults={"callbacks": [StepTimer()]},  # appended to the config's callbacks
+        save_config_callback=None,  # no logger, so it would write config.yaml into the working directory
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     times = timer.intervals_ms()[args.warmup :]
@@ -552,7 +553,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--measured-peak-tflops", type=float, help="second MFU peak (default: the bf16 matmul rate measured here)"
     )
     p.add_argument("--device", default="cuda")
-    p.add_argument("--lightning-config", default="configs/bench-1gpu.yaml", help="ours-lightning: YAML to follow")
+    p.add_argument(
+        "--lightning-config",
+        default=str(Path(__file__).resolve().parents[1] / "configs" / "bench-1gpu.yaml"),
+        help="ours-lightning: the dsv3 fit config to build (default: configs/bench-1gpu.yaml)",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last 2 steps")
     p.add_argument(
         "--clip-grad-norm",

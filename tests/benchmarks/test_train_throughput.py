@@ -36,10 +36,14 @@ def test_lightning_peer_is_built_from_the_config_through_the_cli(one_thread):
     assert cli.trainer.checkpoint_callback.save_top_k == 0 and not cli.trainer.checkpoint_callback.save_last
 
 
-def test_cpu_smoke_runs_the_lightning_peer(tmp_path, one_thread):
+def test_cpu_smoke_runs_the_lightning_peer(tmp_path, one_thread, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written outside --out
     peaks = ["--peak-tflops", "1", "--measured-peak-tflops", "2"]  # a CPU has neither by default
-    (result,) = tt.main([*SMOKE, *peaks, "--impl", "ours-lightning", "--micro-batch", "2", "--out", str(tmp_path)])
+    (result,) = tt.main(
+        [*SMOKE, *peaks, "--impl", "ours-lightning", "--micro-batch", "2", "--out", str(tmp_path / "out")]
+    )
     assert result.status == "ok" and result.tokens_per_s > 0 and math.isfinite(result.loss)
     flops = DeepSeekV3Config.from_preset("tiny", max_position_embeddings=32).flops_per_token(32) * result.tokens_per_s
     assert result.mfu == flops / 1e12 and result.mfu_measured_peak == flops / 2e12
-    assert (tmp_path / "table.md").read_text().count("ours-lightning") == 1
+    assert (tmp_path / "out" / "table.md").read_text().count("ours-lightning") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
