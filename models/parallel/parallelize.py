@@ -164,7 +164,9 @@ def init_weights(model: DeepSeekV3, buffer_device: torch.device | None = None) -
         full = DeepSeekV3(model.config)
     full.to_empty(device="cpu")
     full.init_weights()
-    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+    # A pipeline rank's model holds some of the layers (names unchanged): keep the entries it has.
+    state = {k: v for k, v in full.state_dict().items() if k in model.state_dict()}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     buffers = dict(full.named_buffers())
     for name, buffer in model.named_buffers():  # the non-persistent ones: RoPE table, load counters
         buffer.copy_(buffers[name])
