@@ -18,6 +18,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from models.config import DeepSeekV3Config
@@ -163,3 +164,14 @@ def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Slicing a flattened dim", category=UserWarning)
         return mesh[names[0] if len(names) == 1 else names]
+
+
+def new_ep_backward_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """A second process group over this rank's EP group (collective: every rank of the mesh must call it).
+
+    For schedules that run a forward and a backward at once (DualPipe's overlap): expert parallelism then issues the
+    exchanges of backward passes on this group, the forward ones on the ``ep`` mesh's.
+    """
+    ep = mesh.shape[MESH_DIMS.index("ep")]
+    group, _ = dist.new_subgroups_by_enumeration(mesh.mesh.reshape(-1, ep).tolist())
+    return group

@@ -25,7 +25,7 @@ from models.model import DeepSeekV3
 from models.moe import Gate, MoE
 from models.parallel.compile import apply_activation_checkpointing, blocks, compile_blocks
 from models.parallel.expert_parallel import apply_expert_parallel
-from models.parallel.mesh import ParallelDims, submesh
+from models.parallel.mesh import ParallelDims, new_ep_backward_group, submesh
 
 
 def parallelize(
@@ -38,6 +38,7 @@ def parallelize(
     compile: bool = False,
     reshard_after_forward: bool = True,
     ranks_per_node: int | None = None,
+    ep_backward_group: bool = False,
 ) -> DeepSeekV3:
     """Apply EP -> AC -> compile -> FSDP2 to ``model`` (built on the meta device) in place.
 
@@ -51,6 +52,8 @@ def parallelize(
         reshard_after_forward: Free each block's unsharded parameters after its forward (ZeRO-3) rather than
             keeping them for the backward (ZeRO-2: less communication, more memory).
         ranks_per_node: Ranks (GPUs) per node, needed for ``routing_groups: nodes``.
+        ep_backward_group: Issue EP's all-to-alls of backward passes on a second process group over the same
+            ranks, for schedules that overlap a forward and a backward (``pipeline.overlap``).
 
     Returns:
         The same model.
@@ -62,7 +65,8 @@ def parallelize(
     if dims.dp > 1 and model.config.tie_word_embeddings:
         raise ValueError("tie_word_embeddings is not supported under FSDP2 (parallelize); set it to false")
     if dims.ep > 1:
-        apply_expert_parallel(model, submesh(mesh, "ep"))
+        backward_group = new_ep_backward_group(mesh) if ep_backward_group else None
+        apply_expert_parallel(model, submesh(mesh, "ep"), backward_group)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         compile_blocks(model)

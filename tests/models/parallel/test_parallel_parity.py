@@ -22,6 +22,7 @@ from callbacks.expert_bias_balancing import bias_update
 from callbacks.moe_stats import reduce_and_reset_counts
 from lightning_modules.module import param_groups
 from models import DeepSeekV3, DeepSeekV3Config
+from models.parallel import expert_parallel
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.mesh import ParallelDims, submesh
 from models.parallel.parallelize import init_weights, parallelize
@@ -98,11 +99,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _run_layout(ref: Reference, dims: ParallelDims, activation_checkpointing: str) -> None:
+def _run_layout(ref: Reference, dims: ParallelDims, activation_checkpointing: str, **kwargs) -> None:
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = DeepSeekV3(ref.config)
-    parallelize(model, mesh, param_dtype=torch.float32, activation_checkpointing=activation_checkpointing)
+    parallelize(model, mesh, param_dtype=torch.float32, activation_checkpointing=activation_checkpointing, **kwargs)
     _seeded_init(model)
     for name, value in _full_state(model).items():  # the sharded init is the one-process init of the same seed
         assert torch.equal(value, ref.state[name]), f"init of {name} differs from one process, {dims}"
@@ -111,7 +112,7 @@ def _run_layout(ref: Reference, dims: ParallelDims, activation_checkpointing: st
     _check_param_groups(model, ref.config)
     optimizer = _optimizer(model)
     dp = submesh(mesh, "dp")
-    where = f"{dims}, AC {activation_checkpointing}"
+    where = f"{dims}, AC {activation_checkpointing}, {kwargs}"
     for step, batch in enumerate(ref.batches):
         loss = _forward_backward(model, batch.chunk(dp.size())[dp.get_local_rank()])
         dist.all_reduce(loss, group=dp.get_group())
@@ -146,14 +147,40 @@ def _check_param_groups(model: DeepSeekV3, config: DeepSeekV3Config) -> None:
     assert any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _worker(rank: int, world_size: int, rdzv: str, ref: Reference, layouts: list[tuple[dict, str]]) -> None:
+def _worker(rank: int, world_size: int, rdzv: str, ref: Reference, layouts: list[tuple]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
     try:
-        for dims, ac in layouts:
-            _run_layout(ref, ParallelDims(**dims).resolve(world_size), ac)
+        for dims, ac, *kwargs in layouts:
+            if kwargs and kwargs[0].get("ep_backward_group"):
+                _run_with_backward_group(ref, ParallelDims(**dims).resolve(world_size), ac)
+            else:
+                _run_layout(ref, ParallelDims(**dims).resolve(world_size), ac)
     finally:
         dist.destroy_process_group()
+
+
+def _run_with_backward_group(ref: Reference, dims: ParallelDims, activation_checkpointing: str) -> None:
+    # Same parity, and every exchange issued inside a backward pass (the all-to-alls' backward, AC's replay) runs on
+    # the second group, every forward one on the ep group.
+    calls = []
+
+    def recording(x, out_splits, in_splits, group):  # noqa: ANN001, ANN202
+        calls.append((torch._C._current_graph_task_id() != -1, group))
+        return original(x, out_splits, in_splits, group)
+
+    original, expert_parallel.all_to_all_single = expert_parallel.all_to_all_single, recording
+    try:
+        _run_layout(ref, dims, activation_checkpointing, ep_backward_group=True)
+    finally:
+        expert_parallel.all_to_all_single = original
+    forward = {id(g) for in_backward, g in calls if not in_backward}
+    backward = {id(g) for in_backward, g in calls if in_backward}
+    assert len(forward) == len(backward) == 1 and forward != backward, "one group per direction"
+    # Per step and MoE layer: forward = counts + dispatch + combine; backward = their reverse (2) + AC's replay (3;
+    # under selective AC the replay's exchanges return the saved outputs, but the Python call is still made).
+    n_moe = len(ref.loads[0])
+    assert len(calls) == STEPS * n_moe * (3 + 2 + (3 if activation_checkpointing != "none" else 0))
 
 
 def _spawn(tmp_path, world_size: int, layouts: list[tuple[dict, str]], config: DeepSeekV3Config) -> None:  # noqa: ANN001
@@ -170,7 +197,11 @@ def _spawn(tmp_path, world_size: int, layouts: list[tuple[dict, str]], config: D
 
 @pytest.mark.distributed
 def test_two_ranks_fsdp_and_ep_match_one_process(tmp_path, tiny_config, one_thread):
-    layouts = [({"dp_shard": 2}, "none"), ({"dp_shard": 2, "ep": 2}, "none"), ({"dp_shard": 2, "ep": 2}, "full")]
+    layouts = [
+        ({"dp_shard": 2}, "none"),
+        ({"dp_shard": 2, "ep": 2}, "full"),
+        ({"dp_shard": 2, "ep": 2}, "selective", {"ep_backward_group": True}),  # what DualPipe's overlap needs
+    ]
     _spawn(tmp_path, 2, layouts, tiny_config)
 
 
