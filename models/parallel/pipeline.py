@@ -7,7 +7,8 @@ model and a checkpoint is the union of the ranks' state dicts. Each stage is a `
 modules it runs (for ``PipelineStage``'s backward and weight passes) without copying them.
 
 The V placement of DualPipeV / ZBV puts stage 0 (embedding) and stage N-1 (final norm, head, MTP) on rank 0, so the
-MTP module uses the embedding and head it shares with the main model in place. Loop placements (1F1B,
+MTP module uses the embedding and head it shares with the main model in place (the embedding is registered with
+stage 0 only; the last stage then runs its backward unsplit). Loop placements (1F1B,
 Interleaved1F1B, GPipe) would need a replicated embedding with its own gradient all-reduce: they are refused for
 models with MTP or tied embeddings.
 
@@ -213,7 +214,9 @@ class Stage(nn.Module):
         self.owner = (model,)  # a tuple: not registered, so the model's modules are not children twice
         self.is_first, self.is_last, self.scale = is_first, is_last, 1.0 / n_microbatches
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
-        if is_first or (is_last and model.embed is not None):
+        if is_first:
+            # Registered with stage 0 only, even where the last stage (MTP) uses it too: one owner per parameter
+            # (FSDP2 allows one root per module) and one weight-gradient pass; see build_pipeline.
             self.embed = model.embed
         if is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
@@ -341,6 +344,9 @@ def build_pipeline(
     ranges = stage_layer_ranges(model.config, pipeline, pp)
     n_stages, n_mb = len(ranges), pipeline.microbatches(pp)
     stages, pipeline_stages = [], []
+    # The last stage's MTP uses the embedding it does not register: a split I/W backward there would leave that
+    # embedding gradient out of the W pass, so its I actions compute input and weight gradients together.
+    shares = model.config.num_nextn_predict_layers > 0 or model.config.tie_word_embeddings
     for s in stages_of_rank(pipeline, pp, rank):
         stage = Stage(model, ranges[s], s == 0, s == n_stages - 1, n_mb)
         shape = (microbatch_size, seq_len, model.config.hidden_size)
@@ -356,7 +362,7 @@ def build_pipeline(
                 input_args=tokens if s == 0 else hidden,
                 output_args=hidden,
                 group=group,
-                dw_builder=None if deferred_weight_grads else _no_weight_pass,
+                dw_builder=None if deferred_weight_grads and not (s == n_stages - 1 and shares) else _no_weight_pass,
             )
         )
         stages.append(stage)
