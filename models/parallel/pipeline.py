@@ -184,6 +184,12 @@ def prune_to_stages(model: DeepSeekV3, layer_ranges: list[range], stage_ids: lis
     return model
 
 
+def make_stages(model: DeepSeekV3, pipeline: PipelineConfig, pp: int, rank: int) -> list[Stage]:
+    """The ``Stage`` views of pp rank ``rank`` on its pruned model, in ``stages_of_rank`` order."""
+    ranges = stage_layer_ranges(model.config, pipeline, pp)
+    return [Stage(model, ranges[s], s == 0, s == len(ranges) - 1) for s in stages_of_rank(pipeline, pp, rank)]
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``h`` whose backward also sends ``scale`` into ``aux``: the stage's balance loss joins the step's
     loss without being an output of the stage (Megatron's ``MoEAuxLossAutoScaler``)."""
@@ -209,10 +215,11 @@ class Stage(nn.Module):
     attached. ``loss`` (the schedule's loss function, on the last stage) runs norm, head, CE and MTP.
     """
 
-    def __init__(self, model: DeepSeekV3, layer_ids: range, is_first: bool, is_last: bool, n_microbatches: int):
+    def __init__(self, model: DeepSeekV3, layer_ids: range, is_first: bool, is_last: bool):
         super().__init__()
         self.owner = (model,)  # a tuple: not registered, so the model's modules are not children twice
-        self.is_first, self.is_last, self.scale = is_first, is_last, 1.0 / n_microbatches
+        self.is_first, self.is_last = is_first, is_last
+        self.scale = 1.0  # 1 / micro-batches, set by build_pipeline
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         if is_first:
             # Registered with stage 0 only, even where the last stage (MTP) uses it too: one owner per parameter
@@ -320,6 +327,7 @@ def build_pipeline(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     deferred_weight_grads: bool = True,
+    stages: list[Stage] | None = None,
 ) -> PipelineRunner:
     """Stages and schedule for a model already pruned by ``prune_to_stages`` and materialised on ``device``.
 
@@ -335,6 +343,8 @@ def build_pipeline(
             weight grads later. False computes both in ``I`` (``W`` does nothing): needed under activation
             checkpointing, whose selective mode allows one backward per region and whose full mode would
             recompute each block a second time for ``W``.
+        stages: This rank's ``make_stages`` views, when they were made before ``parallelize`` (FSDP2 roots);
+            None makes them here.
 
     Returns:
         PipelineRunner.
@@ -343,12 +353,13 @@ def build_pipeline(
     validate(model.config, pipeline, pp)
     ranges = stage_layer_ranges(model.config, pipeline, pp)
     n_stages, n_mb = len(ranges), pipeline.microbatches(pp)
-    stages, pipeline_stages = [], []
+    stages = stages if stages is not None else make_stages(model, pipeline, pp, rank)
+    pipeline_stages = []
     # The last stage's MTP uses the embedding it does not register: a split I/W backward there would leave that
     # embedding gradient out of the W pass, so its I actions compute input and weight gradients together.
     shares = model.config.num_nextn_predict_layers > 0 or model.config.tie_word_embeddings
-    for s in stages_of_rank(pipeline, pp, rank):
-        stage = Stage(model, ranges[s], s == 0, s == n_stages - 1, n_mb)
+    for s, stage in zip(stages_of_rank(pipeline, pp, rank), stages, strict=True):
+        stage.scale = 1.0 / n_mb
         shape = (microbatch_size, seq_len, model.config.hidden_size)
         hidden = torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)
         tokens = torch.empty(microbatch_size, seq_len + 1, dtype=torch.long, device="meta")
@@ -365,7 +376,6 @@ def build_pipeline(
                 dw_builder=None if deferred_weight_grads and not (s == n_stages - 1 and shares) else _no_weight_pass,
             )
         )
-        stages.append(stage)
     last = next((s for s in stages if s.is_last), None)
 
     def loss_fn(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
