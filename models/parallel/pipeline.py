@@ -273,6 +273,7 @@ class PipelineRunner:
     group: dist.ProcessGroup
     pipeline: PipelineConfig
     pipeline_stages: list[PipelineStage] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # of the states sent between stages
 
     @property
     def has_first(self) -> bool:
@@ -290,6 +291,30 @@ class PipelineRunner:
         args = (tokens,) if self.has_first else ()
         target = tokens if self.has_last else None
         self.schedule.step(*args, target=target)
+        return self.reduce_losses(tokens.device)
+
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor) -> PipelineLosses:
+        """Forward-only pass of a (B, S+1) batch, stage after stage (no schedule: the V schedules' ``eval`` would
+        still run their backward actions). The losses, means over the micro-batches, on every pp rank."""
+        pp, rank = self.group.size(), self.group.rank()
+        owner = {s: r for r in range(pp) for s in stages_of_rank(self.pipeline, pp, r)}
+        mine = {s: stage for s, stage in zip(stages_of_rank(self.pipeline, pp, rank), self.stages, strict=True)}
+        last = len(owner) - 1
+        for mb in tokens.tensor_split(self.pipeline.microbatches(pp)):
+            x = mb
+            for s in range(last + 1):
+                if owner[s] != rank:
+                    continue
+                if s > 0 and owner[s - 1] != rank:  # the previous stage's states, from its rank
+                    shape = (mb.shape[0], mb.shape[1] - 1, self.model.config.hidden_size)
+                    x = torch.empty(shape, dtype=self.dtype, device=mb.device)
+                    dist.recv(x, group=self.group, group_src=owner[s - 1])
+                x = mine[s](x)
+                if s == last:
+                    mine[s].loss(x, mb)
+                elif owner[s + 1] != rank:
+                    dist.send(x.contiguous(), group=self.group, group_dst=owner[s + 1])
         return self.reduce_losses(tokens.device)
 
     def reduce_losses(self, device: torch.device) -> PipelineLosses:
@@ -389,7 +414,7 @@ def build_pipeline(
         schedule = schedule_cls(pipeline_stages, n_mb, loss_fn=loss_fn, scale_grads=False)
     if pipeline.schedule == "DualPipeV" and pipeline.overlap:
         schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
-    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages)
+    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages, dtype)
 
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
