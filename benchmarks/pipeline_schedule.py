@@ -22,6 +22,7 @@ pipeline_schedule.svg``.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import platform
@@ -196,7 +197,7 @@ def _svg(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     y = 10
     for label, recs in runs:
         for r in sorted(recs, key=lambda r: r["rank"]):
-            out.append(f'<text x="4" y="{y + 13}" font-size="11">{label}, rank {r["rank"]}</text>')
+            out.append(f'<text x="4" y="{y + 13}" font-size="11">{html.escape(label)}, rank {r["rank"]}</text>')
             out.append(
                 f'<rect x="{label_w}" y="{y + 1}" width="{(r["end"] - r["start"]) * scale:.1f}" height="{row_h - 2}" '
                 'fill="#f4f4f4" stroke="#999" stroke-width="0.5"/>'
@@ -240,7 +241,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="the last one is timed")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/pipeline_schedule.svg"))
+    parser.add_argument("--plot-json", type=Path, help="only redraw the figure from a pipeline_schedule.json")
     args = parser.parse_args()
+    if args.plot_json is not None:
+        _svg([tuple(run) for run in json.loads(args.plot_json.read_text())["runs"]], args.figure)
+        return
+    args.out = args.out.resolve()  # file:// rendezvous URLs need an absolute path
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     runs, summaries = [], {}
@@ -295,7 +301,8 @@ def _report(args: argparse.Namespace, runs: list, summaries: dict) -> None:
         )
     lines += [
         "",
-        f"ZB1P's formula at the same PP and chunk times: {predicted['ZB1P'] * 1e3:.0f} ms (no ZB1P run here).",
+        f"ZB1P's formula at the same PP and chunk times: {predicted['ZB1P'] * 1e3:.0f} ms "
+        "(torch has no one-stage zero-bubble schedule to run).",
     ]
     (args.out / "pipeline_schedule.md").write_text("\n".join(lines) + "\n")
     (args.out / "pipeline_schedule.json").write_text(json.dumps({"summaries": summaries, "runs": runs}))

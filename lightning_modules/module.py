@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+from callbacks.moe_counts import MoECounts
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
@@ -123,6 +124,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
+        # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
+        self.moe_counts: MoECounts | None = None
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -145,6 +148,7 @@ class DeepSeekV3LitModule(LightningModule):
         if self.hparams.compile:
             compile_blocks(model)
         self.model = model
+        self.moe_counts = MoECounts(model)  # the default group: every rank is data-parallel here
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         """(B, S) token ids -> ``DeepSeekV3Output``."""

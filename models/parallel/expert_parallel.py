@@ -31,7 +31,7 @@ from torch.distributed._functional_collectives import all_to_all_single, all_to_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
-from models.moe import GroupedExperts, permute_rows
+from models.moe import GroupedExperts, is_recomputing, permute_rows
 
 
 class ExpertParallel:
@@ -56,7 +56,8 @@ class ExpertParallel:
         return experts
 
     def _group(self, mesh: DeviceMesh) -> dist.ProcessGroup:
-        return self.backward_group if self.backward_group is not None and _in_backward() else mesh.get_group()
+        # Forward-direction exchanges inside a backward pass are activation checkpointing's replay of the forward.
+        return self.backward_group if self.backward_group is not None and is_recomputing() else mesh.get_group()
 
     def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], mesh: DeviceMesh) -> torch.Tensor:
         if self.backward_group is None:
@@ -92,13 +93,6 @@ class ExpertParallel:
         self._local.state = None
         out_MD = permute_rows(out_MD, inverse_M, order_M)  # rows by (source rank, local expert)
         return self._exchange(out_MD, send, recv, mesh)
-
-
-def _in_backward() -> bool:
-    # Inside a backward pass: the all-to-alls' own backward, or activation checkpointing replaying the forward.
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
 
 
 class _AllToAll(torch.autograd.Function):

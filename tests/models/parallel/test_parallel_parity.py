@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from callbacks.expert_bias_balancing import bias_update
-from callbacks.moe_stats import reduce_and_reset_counts
+from callbacks.moe_counts import MoECounts
 from lightning_modules.module import param_groups
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel import expert_parallel
@@ -77,15 +77,16 @@ def _reference(config: DeepSeekV3Config) -> Reference:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         optimizer.step()
         optimizer.zero_grad()
-        loads.append(_update_biases(model, group=None))
+        loads.append(_update_biases(model, group=None, step=len(loads)))
     return Reference(config, state, batches, losses, grads, norms, loads, _full_state(model))
 
 
 @torch.no_grad()
-def _update_biases(model: DeepSeekV3, group) -> torch.Tensor:  # noqa: ANN001
+def _update_biases(model: DeepSeekV3, group, step: int) -> torch.Tensor:  # noqa: ANN001
     # What ExpertBiasBalancing does after each optimizer step, with the reduction over the data-parallel group.
-    counts_LE = reduce_and_reset_counts(model.moe_layers(), group=group)
-    for moe, delta_E in zip(model.moe_layers(), bias_update(counts_LE, GAMMA), strict=True):
+    counts = MoECounts(model, group=group)
+    counts_LE = counts.step_counts(step)
+    for moe, delta_E in zip(counts.layers, bias_update(counts_LE, GAMMA), strict=True):
         moe.gate.e_score_correction_bias += delta_E
     return counts_LE
 
@@ -123,7 +124,7 @@ def _run_layout(ref: Reference, dims: ParallelDims, activation_checkpointing: st
         torch.testing.assert_close(norm, ref.norms[step], **TOL, msg=f"grad norm, step {step}, {where}")
         optimizer.step()
         optimizer.zero_grad()
-        loads = _update_biases(model, group=dp.get_group())
+        loads = _update_biases(model, group=dp.get_group(), step=step)
         torch.testing.assert_close(loads, ref.loads[step], rtol=0, atol=0, msg=f"loads, step {step}, {where}")
     biases = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
     everyone = [torch.empty_like(biases) for _ in range(dist.get_world_size())]
