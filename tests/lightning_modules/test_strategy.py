@@ -56,7 +56,9 @@ class Record(Callback):
             model.eval()
             probe_loss = model(probe[:, :-1], labels=probe[:, 1:], return_logits=False).ce_loss.item()
             model.train()
-        torch.save({"losses": self.losses, "biases": biases, "probe": probe_loss}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"losses": self.losses, "biases": biases, "probe": probe_loss}, self.out / f"rank{trainer.global_rank}.pt"
+        )
 
 
 def probe_batch(vocab_size: int) -> torch.Tensor:
