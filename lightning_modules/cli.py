@@ -28,7 +28,7 @@ from lightning_modules.module import (
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
-from lightning_modules.strategy import is_sharded_checkpoint, read_sharded_checkpoint
+from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models.parallel.mixed_precision import cast_parameters
 
 OVERVIEW = """\
@@ -114,6 +114,13 @@ class DSV3CLI(LightningCLI):
         # The checkpoint's model becomes the default; config files and flags parsed on top of it win.
         self._subcommand_parsers[subcommand].set_defaults({f"model.{k}": v for k, v in saved.items()})
         super().parse_arguments(self.parser, self._raw_args)
+
+    def before_fit(self) -> None:
+        """Check the parallel layout against the model before ``fit`` starts any process."""
+        if isinstance(self.trainer.strategy, DeepSeekV3Strategy):
+            self.trainer.strategy.check_model(self.model.config)
+
+    before_validate = before_test = before_fit
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from lightning_modules.strategy import DeepSeekV3Strategy
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
+from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
 from models.rope import rope_freqs_cis
 
@@ -141,23 +142,25 @@ class DeepSeekV3LitModule(LightningModule):
             model = DeepSeekV3(self.config)
         # An FP8 transform of the meta model hooks in here, before memory is allocated.
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DeepSeekV3Strategy):  # EP -> AC -> compile -> FSDP2 on the meta model
-            model = parallelize(
+        if isinstance(strategy, DeepSeekV3Strategy):  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
+            parallelize(
                 model,
                 strategy.device_mesh,
                 param_dtype=strategy.param_dtype,
                 activation_checkpointing=self.hparams.activation_checkpointing,
                 compile=self.hparams.compile,
+                ranks_per_node=strategy.num_processes,
             )
-            device = strategy.root_device
-        else:
-            device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
-        model.to_empty(device=device)  # each rank allocates its shards only
+            model.to_empty(device=strategy.root_device)  # each rank allocates its shards only
+            init_sharded_weights(model, buffer_device=strategy.root_device)
+            self.model = model
+            return
+        device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
+        model.to_empty(device=device)
         model.init_weights(buffer_device=device)
-        if not isinstance(strategy, DeepSeekV3Strategy):
-            apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
-            if self.hparams.compile:
-                compile_blocks(model)
+        apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
+        if self.hparams.compile:
+            compile_blocks(model)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from lightning_modules.checkpoint_io import commit_checkpoint_dir, new_checkpoint_dir, remove_checkpoint_dir
+from models import DeepSeekV3Config
 from models.parallel.mesh import ParallelDims
 
 # trainer.precision -> the dtype FSDP2 computes in; parameters, optimizer state and reductions stay fp32.
@@ -113,6 +114,12 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
         self._device_mesh = self.parallel_dims.build_mesh(self.root_device.type)
         self.lightning_module._device_mesh = self._device_mesh
 
+    def check_model(self, config: DeepSeekV3Config) -> None:
+        """Raise a ``ValueError`` naming the field when ``config`` does not fit the layout (before any process
+        starts, when called from the CLI): ep not dividing the experts, node-limited routing that does not fit."""
+        dims = self.parallel_dims.resolve(self.num_nodes * self.num_processes)
+        dims.check_model(config, ranks_per_node=self.num_processes)
+
     @property
     def device_mesh(self) -> DeviceMesh:
         """The (pp, dp_replicate, efsdp, ep) mesh, with the flattened ``dp_shard`` and ``dp`` dimensions."""
@@ -148,7 +155,7 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
     def setup_optimizers(self, trainer: Any) -> None:
         super().setup_optimizers(trainer)
         for optimizer in self.optimizers:
-            _check_takes_dtensors(optimizer)
+            _check_optimizer(optimizer)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(
@@ -197,7 +204,7 @@ def read_sharded_checkpoint(path: str | os.PathLike, weights: bool = True) -> di
     """
     from torch.distributed.checkpoint import load
 
-    from models import DeepSeekV3, DeepSeekV3Config
+    from models import DeepSeekV3
 
     checkpoint = torch.load(Path(path) / _METADATA_FILENAME, map_location="cpu", weights_only=True)
     if not weights:
@@ -212,16 +219,27 @@ def read_sharded_checkpoint(path: str | os.PathLike, weights: bool = True) -> di
     return {**checkpoint, "state_dict": state["state_dict"]}
 
 
-def _check_takes_dtensors(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer that cannot step the DTensor parameters FSDP2 and EP make, before the first step."""
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before the first step, an optimizer that does not fit the parameters ``parallelize`` made.
+
+    Sharded (DTensor) parameters are fp32 masters already: MasterWeightAdamW cannot step them (its kernel reads raw
+    storage). With one rank nothing is sharded and bf16 parameters need an fp32 master copy: MasterWeightAdamW.
+    """
     from models.parallel.mixed_precision import MasterWeightAdamW
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if isinstance(optimizer, MasterWeightAdamW) and any(isinstance(p, DTensor) for p in params):
+    master = isinstance(optimizer, MasterWeightAdamW)
+    if master and any(isinstance(p, DTensor) for p in params):
         raise ValueError(
             "model.optimizer=MasterWeightAdamW cannot step the sharded (DTensor) parameters of DeepSeekV3Strategy, "
-            "which already keeps fp32 master weights and computes in bf16 with trainer.precision=bf16-mixed; use "
+            "which are the fp32 master weights already (bf16 compute with trainer.precision=bf16-mixed); use "
             "torch.optim.AdamW"
+        )
+    if not master and any(not isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in params):
+        raise ValueError(
+            f"model.optimizer={type(optimizer).__name__} would update bf16 parameters in bf16: with one rank and "
+            "trainer.precision=bf16-mixed nothing is sharded and the parameters are bf16; use "
+            "models.parallel.MasterWeightAdamW (fp32 master weights) or trainer.precision=32-true"
         )
 
 

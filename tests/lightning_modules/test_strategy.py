@@ -11,6 +11,7 @@ process loads with the trained weights. The runs are shared by the tests of this
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,11 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     root = tmp_path_factory.mktemp("strategy")
     results = {"single": fit(root, "single")}
     results["fsdp"] = fit(root, "fsdp", devices=2, dp_shard=2)
-    saved = checkpoint(root / "fsdp", SAVE_AT)
-    results["resumed"] = fit(root, "resumed", devices=2, ckpt_path=str(saved), dp_shard=2)
-    results["resumed1"] = fit(root, "resumed1", devices=1, ckpt_path=str(saved), dp_shard=1)
+    results["ep"] = fit(root, "ep", devices=2, dp_shard=2, ep=2)
+    results["fsdp_ep"] = fit(root, "fsdp_ep", devices=4, dp_shard=4, ep=2)  # experts: 2 EP ranks x 2 FSDP shards
+    saved = str(checkpoint(root / "fsdp_ep", SAVE_AT))
+    results["resumed"] = fit(root, "resumed", devices=4, ckpt_path=saved, dp_shard=4, ep=2)
+    results["resumed2"] = fit(root, "resumed2", devices=2, ckpt_path=saved, dp_shard=2)
     results["root"] = root
     return results
 
@@ -105,6 +108,7 @@ def checkpoint(run: Path, step: int) -> Path:
 
 def _check_like(results: list[dict], reference: dict, first_step: int = 0) -> None:
     """Every rank: the reference's losses from ``first_step`` on and its final biases, the same on all ranks."""
+    assert any(bias.abs().sum() > 0 for bias in reference["biases"])  # the balancing moved them
     for rank in results:
         torch.testing.assert_close(rank["losses"], reference["losses"][first_step:], rtol=1e-5, atol=1e-5)
         for bias, bias0, ref in zip(rank["biases"], results[0]["biases"], reference["biases"], strict=True):
@@ -112,30 +116,49 @@ def _check_like(results: list[dict], reference: dict, first_step: int = 0) -> No
             torch.testing.assert_close(bias, ref)
 
 
-def test_fsdp2_two_ranks_give_the_single_process_losses(runs):
+@pytest.mark.parametrize("layout", ["fsdp", "ep", "fsdp_ep"])
+def test_ranks_give_the_single_process_losses_and_biases(runs, layout):
     assert len(runs["single"][0]["losses"]) == STEPS
-    _check_like(runs["fsdp"], runs["single"][0])
+    _check_like(runs[layout], runs["single"][0])
 
 
 def test_resume_is_exact_and_works_on_another_world_size(runs):
-    straight = runs["fsdp"][0]["losses"]
+    straight = runs["fsdp_ep"][0]["losses"]
     assert runs["resumed"][0]["losses"] == straight[SAVE_AT:]  # bitwise: a deterministic run
-    _check_like(runs["resumed1"], runs["fsdp"][0], first_step=SAVE_AT)
+    _check_like(runs["resumed2"], runs["fsdp_ep"][0], first_step=SAVE_AT)  # 4 ranks -> 2, EP off
 
 
-def test_world_size_not_the_mesh_product_is_one_line(tmp_path, capsys):
-    args = small_args(tmp_path, max_steps=1, devices=2)
-    args += [f"--trainer.strategy={STRATEGY}", "--trainer.strategy.init_args.dp_shard=3"]
+@pytest.mark.parametrize(
+    ("devices", "layout", "overrides", "message"),
+    [
+        (2, {"dp_shard": 3}, {}, "the world size 2 is not pp x dp_replicate x dp_shard"),
+        (3, {"ep": 3}, {}, r"ep \(3\) must divide n_routed_experts \(8\)"),
+        (2, {"ep": 2}, {"routing_groups": "nodes", "topk_group": 2}, r"topk_group \(M=2\) exceeds the 1 node"),
+    ],
+)
+def test_bad_layouts_fail_in_one_line_before_any_process_starts(tmp_path, capsys, devices, layout, overrides, message):
+    args = small_args(tmp_path, max_steps=1, devices=devices)
+    args += [f"--trainer.strategy={STRATEGY}", *(f"--trainer.strategy.init_args.{k}={v}" for k, v in layout.items())]
+    args += [f"--model.overrides.{k}={v}" for k, v in overrides.items()]
     assert main(["fit", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "dp_shard" in err[0], err
+    assert len(err) == 2 and re.search(message, err[0]), err  # the message, then the DSV3_TRACEBACK hint
+
+
+def test_an_optimizer_that_cannot_step_dtensors_is_refused(tmp_path):
+    args = small_args(tmp_path, max_steps=1, devices=2)
+    args += [f"--trainer.strategy={STRATEGY}", "--trainer.strategy.init_args.start_method=fork"]
+    args += ["--model.optimizer=models.parallel.MasterWeightAdamW"]
+    cli = DSV3CLI(args=args, run=False)
+    with pytest.raises(Exception, match="model.optimizer=MasterWeightAdamW cannot step the sharded"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
 def test_sharded_checkpoint_converts_to_one_file_and_hf(runs, tmp_path):
     from lightning_modules.module import model_from_checkpoint
     from models import load_hf_checkpoint
 
-    sharded = runs["root"] / "fsdp" / "ckpt" / "last.ckpt"
+    sharded = runs["root"] / "fsdp_ep" / "ckpt" / "last.ckpt"
     assert sharded.is_symlink() and sharded.resolve().is_dir()
     out = tmp_path / "one.ckpt"
     assert main(["convert", "--ckpt_path", str(sharded), "--to_ckpt", str(out), "--to_hf", str(tmp_path / "hf")]) == 0
@@ -145,4 +168,4 @@ def test_sharded_checkpoint_converts_to_one_file_and_hf(runs, tmp_path):
         probe = probe_batch(model.config.vocab_size)
         with torch.no_grad():
             loss = model.eval()(probe[:, :-1], labels=probe[:, 1:], return_logits=False).ce_loss.item()
-        assert loss == pytest.approx(runs["fsdp"][0]["probe"], rel=1e-5)
+        assert loss == pytest.approx(runs["fsdp_ep"][0]["probe"], rel=1e-5)
