@@ -116,9 +116,17 @@ class DSV3CLI(LightningCLI):
         super().parse_arguments(self.parser, self._raw_args)
 
     def before_fit(self) -> None:
-        """Check the parallel layout against the model before ``fit`` starts any process."""
+        """Check the parallel layout against the model, and the checkpoint's kind, before any process starts."""
         if isinstance(self.trainer.strategy, DeepSeekV3Strategy):
             self.trainer.strategy.check_model(self.model.config)
+            return
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and is_sharded_checkpoint(ckpt_path):
+            raise UserError(
+                f"--ckpt_path {ckpt_path} is a sharded checkpoint: load it with --trainer.strategy "
+                "lightning_modules.strategy.DeepSeekV3Strategy (on any number of devices), or make it one file with "
+                f"dsv3 convert --ckpt_path {ckpt_path} --to_ckpt OUT.ckpt"
+            )
 
     before_validate = before_test = before_fit
 

@@ -169,3 +169,10 @@ def test_sharded_checkpoint_converts_to_one_file_and_hf(runs, tmp_path):
         with torch.no_grad():
             loss = model.eval()(probe[:, :-1], labels=probe[:, 1:], return_logits=False).ce_loss.item()
         assert loss == pytest.approx(runs["fsdp_ep"][0]["probe"], rel=1e-5)
+
+
+def test_a_sharded_checkpoint_without_the_strategy_is_one_line(runs, tmp_path, capsys):
+    sharded = runs["root"] / "fsdp_ep" / "ckpt" / "last.ckpt"
+    assert main(["validate", *small_args(tmp_path), "--ckpt_path", str(sharded)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is a sharded checkpoint: load it with --trainer.strategy" in err[0], err
