@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_modules.checkpoint_io import commit_checkpoint_dir, new_checkpoint_dir, remove_checkpoint_dir
 from models import DeepSeekV3Config
-from models.parallel.mesh import ParallelDims
+from models.parallel.mesh import ParallelDims, submesh
 
 # trainer.precision -> the dtype FSDP2 computes in; parameters, optimizer state and reductions stay fp32.
 PARAM_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
@@ -128,12 +128,12 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
     @property
     def data_parallel_group(self) -> torch.distributed.ProcessGroup:
         """The ranks that read different tokens (sum MoE counts, average losses over these)."""
-        return self.device_mesh["dp"].get_group()
+        return submesh(self.device_mesh, "dp").get_group()
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """The data-parallel rank and size: every ``dp`` rank reads its own tokens; pipeline stages share them."""
-        dp = self.device_mesh["dp"]
+        dp = submesh(self.device_mesh, "dp")
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
     # ------------------------------------------------------------------ precision
