@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from callbacks.moe_counts import MoECounts
 from lightning_modules.strategy import DeepSeekV3Strategy
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
@@ -126,6 +127,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
+        # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
+        self.moe_counts: MoECounts | None = None
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -154,6 +157,7 @@ class DeepSeekV3LitModule(LightningModule):
             model.to_empty(device=strategy.root_device)  # each rank allocates its shards only
             init_sharded_weights(model, buffer_device=strategy.root_device)
             self.model = model
+            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group)  # summed over dp ranks only
             return
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
@@ -162,6 +166,7 @@ class DeepSeekV3LitModule(LightningModule):
         if self.hparams.compile:
             compile_blocks(model)
         self.model = model
+        self.moe_counts = MoECounts(model)  # the default group: every rank is data-parallel here
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         """(B, S) token ids -> ``DeepSeekV3Output``."""
