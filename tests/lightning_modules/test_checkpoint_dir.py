@@ -44,19 +44,17 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     _save(path, 1, 1.0)
     # A process starts saving step 2 and is SIGKILLed inside DCP's write (it pickles the non-tensor object).
+    version = new_checkpoint_dir(path, 2)
     script = textwrap.dedent(
         f"""
         import os, signal
-        from pathlib import Path
         import torch, torch.distributed.checkpoint as dcp
-        from lightning_modules.checkpoint_io import new_checkpoint_dir
 
         class Crash:
             def __reduce__(self):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        version = new_checkpoint_dir(Path({str(path)!r}), 2)
-        dcp.save({{"w": torch.zeros(1000), "crash": Crash()}}, checkpoint_id=version)
+        dcp.save({{"w": torch.zeros(1000), "crash": Crash()}}, checkpoint_id={str(version)!r})
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)

@@ -66,14 +66,19 @@ def probe_batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
 
 
-def fit(root: Path, tag: str, devices: int = 1, ckpt_path: str | None = None, **strategy: int) -> list[dict]:
-    """Train ``STEPS`` steps of the global batch on ``devices`` ranks (one plain process without ``strategy``)."""
+def fit(
+    root: Path, tag: str, devices: int = 1, ckpt_path: str | None = None, save: bool = False, **strategy: int
+) -> list[dict]:
+    """Train to step ``STEPS`` on ``devices`` ranks (one plain process without ``strategy``); ``save`` checkpoints
+    every ``SAVE_AT`` steps as ``step{N}.ckpt``."""
     out = root / tag
     out.mkdir()
     args = small_args(out, max_steps=STEPS, devices=devices, deterministic=True)
     args += ["--data.order=global", f"--data.batch_size={GLOBAL_BATCH // devices}"]
-    args += [f"--trainer.callbacks.init_args.{k}" for k in (f"every_n_train_steps={SAVE_AT}", "save_top_k=-1")]
+    every = SAVE_AT if save else 10 * STEPS
+    args += [f"--trainer.callbacks.init_args.{k}" for k in (f"every_n_train_steps={every}", "save_top_k=-1")]
     args += ["--trainer.callbacks.init_args.monitor=null", "--trainer.callbacks.init_args.filename=step{step:06d}"]
+    args += ["--trainer.callbacks.init_args.save_last=false"]
     if strategy:
         args += [f"--trainer.strategy={STRATEGY}", "--trainer.strategy.init_args.start_method=fork"]
         args += [f"--trainer.strategy.init_args.{k}={v}" for k, v in strategy.items()]
@@ -93,7 +98,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     results = {"single": fit(root, "single")}
     results["fsdp"] = fit(root, "fsdp", devices=2, dp_shard=2)
     results["ep"] = fit(root, "ep", devices=2, dp_shard=2, ep=2)
-    results["fsdp_ep"] = fit(root, "fsdp_ep", devices=4, dp_shard=4, ep=2)  # experts: 2 EP ranks x 2 FSDP shards
+    results["fsdp_ep"] = fit(root, "fsdp_ep", devices=4, save=True, dp_shard=4, ep=2)  # experts: 2 EP x 2 FSDP
     saved = str(checkpoint(root / "fsdp_ep", SAVE_AT))
     results["resumed"] = fit(root, "resumed", devices=4, ckpt_path=saved, dp_shard=4, ep=2)
     results["resumed2"] = fit(root, "resumed2", devices=2, ckpt_path=saved, dp_shard=2)
@@ -158,13 +163,13 @@ def test_sharded_checkpoint_converts_to_one_file_and_hf(runs, tmp_path):
     from lightning_modules.module import model_from_checkpoint
     from models import load_hf_checkpoint
 
-    sharded = runs["root"] / "fsdp_ep" / "ckpt" / "last.ckpt"
+    sharded = checkpoint(runs["root"] / "fsdp_ep", STEPS)
     assert sharded.is_symlink() and sharded.resolve().is_dir()
     out = tmp_path / "one.ckpt"
     assert main(["convert", "--ckpt_path", str(sharded), "--to_ckpt", str(out), "--to_hf", str(tmp_path / "hf")]) == 0
-    checkpoint = torch.load(out, weights_only=True)
-    assert checkpoint["global_step"] == STEPS and "optimizer_states" not in checkpoint
-    for model in (model_from_checkpoint(checkpoint), load_hf_checkpoint(tmp_path / "hf")):
+    one_file = torch.load(out, weights_only=True)
+    assert one_file["global_step"] == STEPS and "optimizer_states" not in one_file
+    for model in (model_from_checkpoint(one_file), load_hf_checkpoint(tmp_path / "hf")):
         probe = probe_batch(model.config.vocab_size)
         with torch.no_grad():
             loss = model.eval()(probe[:, :-1], labels=probe[:, 1:], return_logits=False).ce_loss.item()
@@ -172,7 +177,7 @@ def test_sharded_checkpoint_converts_to_one_file_and_hf(runs, tmp_path):
 
 
 def test_a_sharded_checkpoint_without_the_strategy_is_one_line(runs, tmp_path, capsys):
-    sharded = runs["root"] / "fsdp_ep" / "ckpt" / "last.ckpt"
+    sharded = checkpoint(runs["root"] / "fsdp_ep", STEPS)
     assert main(["validate", *small_args(tmp_path), "--ckpt_path", str(sharded)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "is a sharded checkpoint: load it with --trainer.strategy" in err[0], err
