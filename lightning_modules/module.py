@@ -179,16 +179,25 @@ class DeepSeekV3LitModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/ce_loss", out.ce_loss)
+        dp = self._data_parallel_mean()
+        self.log("train/loss", out.loss, prog_bar=True, **dp)
+        self.log("train/ce_loss", out.ce_loss, **dp)
         if out.mtp_loss is not None:
-            self.log("train/mtp_loss", out.mtp_loss)
+            self.log("train/mtp_loss", out.mtp_loss, **dp)
         if out.balance_loss is not None:
-            self.log("train/balance_loss", out.balance_loss)
+            self.log("train/balance_loss", out.balance_loss, **dp)
         self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out.loss
+
+    def _data_parallel_mean(self) -> dict[str, Any]:
+        """``self.log`` arguments for the mean over the data-parallel ranks under ``DeepSeekV3Strategy``, whose ranks
+        each train on their own rows of the global batch (one small all-reduce per scalar; no host sync)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSeekV3Strategy) and strategy.parallel_dims.dp > 1:
+            return {"sync_dist": True, "sync_dist_group": strategy.data_parallel_group}
+        return {}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)

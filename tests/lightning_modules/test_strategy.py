@@ -89,7 +89,9 @@ def fit(
         torch.save(DeepSeekV3(cli.model.config).state_dict(), init)
     cli.trainer.callbacks.append(Record(init, out))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    ranks[0]["logged"] = float(cli.trainer.callback_metrics["train/loss"])  # rank 0's logged last-step loss
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,7 @@ def checkpoint(run: Path, step: int) -> Path:
 def _check_like(results: list[dict], reference: dict, first_step: int = 0) -> None:
     """Every rank: the reference's losses from ``first_step`` on and its final biases, the same on all ranks."""
     assert any(bias.abs().sum() > 0 for bias in reference["biases"])  # the balancing moved them
+    assert results[0]["logged"] == pytest.approx(reference["losses"][-1], rel=1e-5)  # train/loss: the dp mean
     for rank in results:
         torch.testing.assert_close(rank["losses"], reference["losses"][first_step:], rtol=1e-5, atol=1e-5)
         for bias, bias0, ref in zip(rank["biases"], results[0]["biases"], reference["biases"], strict=True):
