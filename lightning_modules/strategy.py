@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
@@ -182,6 +183,46 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
             commit_checkpoint_dir(path, version)
         self.barrier("DeepSeekV3Strategy.save_checkpoint")
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """This rank's optimizer state, keyed by parameter name (pipeline stages hold different parameters)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        return get_optimizer_state_dict(self.model, optimizer, options=_flat(cpu_offload=True))
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load weights and optimizer states into this rank's shards, whatever layout wrote them; return the rest.
+
+        A sharded checkpoint (directory) is read by DCP, which reshards to the current layout; a single file (a
+        one-device run, ``dsv3 convert``) holds full tensors, of which each rank keeps its shards.
+        """
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module, strict = self.lightning_module, self.lightning_module.strict_loading
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        if is_sharded_checkpoint(path):
+            state = {"state_dict": get_model_state_dict(module)}
+            for i, optimizer in enumerate(optimizers):
+                state[f"optimizer_{i}"] = get_optimizer_state_dict(module, optimizer, options=_flat())
+            load(state, checkpoint_id=path)
+            set_model_state_dict(module, state.pop("state_dict"), options=StateDictOptions(strict=strict))
+            for i, optimizer in enumerate(optimizers):
+                set_optimizer_state_dict(module, optimizer, state[f"optimizer_{i}"], options=_flat())
+            return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        full = StateDictOptions(full_state_dict=True, strict=strict)
+        set_model_state_dict(module, checkpoint.pop("state_dict"), options=full)
+        for optimizer, saved in zip(optimizers, checkpoint.pop("optimizer_states", []), strict=False):
+            set_optimizer_state_dict(module, optimizer, _by_name(saved, module, optimizer), options=full)
+        return checkpoint
+
     def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
         if self.is_global_zero:
             remove_checkpoint_dir(Path(filepath))
@@ -217,6 +258,27 @@ def read_sharded_checkpoint(path: str | os.PathLike, weights: bool = True) -> di
     state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
     load(state, checkpoint_id=Path(path))  # reassembles each tensor from the shards of every rank
     return {**checkpoint, "state_dict": state["state_dict"]}
+
+
+def _flat(cpu_offload: bool = False) -> StateDictOptions:
+    # Keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"): each rank saves and finds its
+    # own parameters' entries. The nested format's param_groups list has the same keys on every rank, which ranks
+    # holding different parameters (pipeline stages) would overwrite.
+    return StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=cpu_offload)
+
+
+def _by_name(saved: dict[str, Any], module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A one-device optimizer state (keyed by the position of each parameter in the optimizer's groups) keyed by
+    parameter name instead, for ``set_optimizer_state_dict``. The groups are built the same way (``param_groups``),
+    so position i is the same parameter."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if sum(len(g["params"]) for g in saved["param_groups"]) != len(order):
+        raise ValueError("the checkpoint's optimizer has other parameter groups than this model's; it cannot be loaded")
+    return {
+        "state": {order[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:

@@ -97,13 +97,16 @@ def fit(
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     root = tmp_path_factory.mktemp("strategy")
-    results = {"single": fit(root, "single")}
+    results = {"single": fit(root, "single", save=True)}
     results["fsdp"] = fit(root, "fsdp", devices=2, dp_shard=2)
     results["ep"] = fit(root, "ep", devices=2, dp_shard=2, ep=2)
     results["fsdp_ep"] = fit(root, "fsdp_ep", devices=4, save=True, dp_shard=4, ep=2)  # experts: 2 EP x 2 FSDP
     saved = str(checkpoint(root / "fsdp_ep", SAVE_AT))
     results["resumed"] = fit(root, "resumed", devices=4, ckpt_path=saved, dp_shard=4, ep=2)
     results["resumed2"] = fit(root, "resumed2", devices=2, ckpt_path=saved, dp_shard=2)
+    results["resumed1"] = fit(root, "resumed1", devices=1, ckpt_path=saved, dp_shard=1)  # plain tensors, no FSDP
+    one_file = str(checkpoint(root / "single", SAVE_AT))  # a one-device run's checkpoint, continued on 2 ranks
+    results["from_single"] = fit(root, "from_single", devices=2, ckpt_path=one_file, dp_shard=2, ep=2)
     results["root"] = root
     return results
 
@@ -134,6 +137,11 @@ def test_resume_is_exact_and_works_on_another_world_size(runs):
     straight = runs["fsdp_ep"][0]["losses"]
     assert runs["resumed"][0]["losses"] == straight[SAVE_AT:]  # bitwise: a deterministic run
     _check_like(runs["resumed2"], runs["fsdp_ep"][0], first_step=SAVE_AT)  # 4 ranks -> 2, EP off
+    _check_like(runs["resumed1"], runs["fsdp_ep"][0], first_step=SAVE_AT)  # 4 ranks -> 1 process
+
+
+def test_a_one_device_checkpoint_continues_sharded(runs):
+    _check_like(runs["from_single"], runs["single"][0], first_step=SAVE_AT)
 
 
 @pytest.mark.parametrize(
