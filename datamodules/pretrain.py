@@ -260,6 +260,7 @@ class PretrainDataModule(L.LightningDataModule):
         """
         if not state_dict:
             return
+        state_dict = _one_stream_as_global(state_dict, self.hparams.order)
         layout = self._layout(self.data_parallel()[1])
         if state_dict.get("source") != layout["source"]:
             log.warning(
@@ -314,6 +315,15 @@ class PretrainDataModule(L.LightningDataModule):
 def _make_stream(spec: StreamSpec, dataset, encoder: DocumentEncoder, state: StreamState) -> PackedStream:
     """The training stream starting at ``state`` (a module-level function, so the loader pickles)."""
     return PackedStream(spec, dataset, encoder, list(state.positions), state.next_stream)
+
+
+def _one_stream_as_global(state_dict: dict[str, Any], order: str) -> dict[str, Any]:
+    """A one-rank ``sharded`` position is a ``global`` one (its rank read the whole stream): a run started on one
+    device continues under ``order="global"`` on any number of ranks."""
+    if order != "global" or state_dict.get("order", "sharded") != "sharded" or state_dict.get("world_size") != 1:
+        return state_dict
+    state = {k: v for k, v in state_dict.items() if k not in ("world_size", "ranks")}
+    return {**state, "order": "global", "stream": state_dict["ranks"][0]}
 
 
 def _rank_rows_stream(make_stream, start: int, rows: int, state: StreamState) -> RankRows:

@@ -50,8 +50,20 @@ def test_position_resumes_on_another_world_size(make_dm):
     assert all(torch.equal(a, b) for a, b in zip(_batches(resumed), straight[N:], strict=True))
 
 
+def test_a_one_process_sharded_position_continues_globally(make_dm):
+    straight = _batches(make_dm(batch_size=4, num_workers=2), 2 * N)  # order sharded, one process
+    first = make_dm(batch_size=4, num_workers=2)
+    _batches(first)
+    ranks = []
+    for rank in range(2):
+        resumed = make_dm(batch_size=2, num_workers=2, order="global", rank=rank, world_size=2)
+        resumed.load_state_dict(first.state_dict())
+        ranks.append(_batches(resumed))
+    assert all(torch.equal(torch.cat(rows), b) for *rows, b in zip(*ranks, straight[N:], strict=True))
+
+
 def test_order_mismatch_is_refused(make_dm):
-    sharded = make_dm()
+    sharded = make_dm(rank=0, world_size=2)  # a rank's own documents: not a position in the global stream
     _batches(sharded, 1)
     with pytest.raises(ValueError, match="order='sharded'.*order='global'"):
         make_dm(order="global").load_state_dict(sharded.state_dict())
