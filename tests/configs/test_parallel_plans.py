@@ -43,8 +43,9 @@ def _plan(name: str) -> tuple[DSV3CLI, ParallelDims, int]:
 @pytest.mark.parametrize(
     ("name", "rank", "layout", "gb"),
     [
-        ("moonlight-16b-a3b", 5, (1, 1, 1, 8), (25, 40)),  # (pp, dp_replicate, efsdp, ep); GB of fp32 state
-        ("deepseek-v3-671b", 3071, (1, 12, 4, 64), (35, 50)),
+        # (pp, dp_replicate, efsdp, ep); GB of fp32 state per GPU, as the configs' comments say
+        ("moonlight-16b-a3b", 5, (1, 1, 1, 8), 31.9),
+        ("deepseek-v3-671b", 3071, (1, 12, 4, 64), 42.6),
     ],
 )
 def test_plan_builds_its_mesh_and_shards_on_meta(name, rank, layout, gb):
@@ -68,5 +69,5 @@ def test_plan_builds_its_mesh_and_shards_on_meta(name, rank, layout, gb):
     finally:
         dist.destroy_process_group()
     state_gb = 16 * local / 1e9  # fp32 parameter, gradient and two AdamW moments per local element
-    assert gb[0] < state_gb < gb[1], state_gb
+    assert state_gb == pytest.approx(gb, abs=0.05)
     assert state_gb >= 0.999 * 16 * config.num_params() / 1e9 / world  # the rank holds (about) its share
