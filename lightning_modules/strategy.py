@@ -1,10 +1,11 @@
 """``DeepSeekV3Strategy``: FSDP2 + expert parallelism inside Lightning, on one (pp, dp_replicate, efsdp, ep) mesh.
 
 Lightning's ``ModelParallelStrategy`` already does what is generic: it starts the processes (``devices``,
-``num_nodes``, torchrun, SLURM), initialises ``torch.distributed`` (NCCL on GPUs, gloo on the CPU), calls the
-LightningModule's ``configure_model`` for the parallelism to be applied there, and saves and loads sharded
-``torch.distributed.checkpoint`` (DCP) states. Its mesh is only (data_parallel, tensor_parallel), so this subclass
-builds the DeepSeek-V3 layout instead (``models.parallel.mesh.ParallelDims``):
+``num_nodes``, torchrun, SLURM), initialises ``torch.distributed`` (NCCL on GPUs, gloo on the CPU) and calls the
+LightningModule's ``configure_model`` for the parallelism to be applied there. Its mesh is only (data_parallel,
+tensor_parallel), its checkpoint loading needs DTensor parameters and its optimizer states list the parameter groups
+by position, so this subclass builds the DeepSeek-V3 layout (``models.parallel.mesh.ParallelDims``) and does its own
+``torch.distributed.checkpoint`` (DCP) saving and loading:
 
 * ``dp_replicate`` x ``dp_shard`` data-parallel ranks (HSDP when ``dp_replicate > 1``), of which ``ep`` consecutive
   ranks hold different routed experts (expert parallelism borrows data-parallel ranks, as in torchtitan), and ``pp``
@@ -13,7 +14,7 @@ builds the DeepSeek-V3 layout instead (``models.parallel.mesh.ParallelDims``):
 * precision from ``trainer.precision``, as FSDP2's ``MixedPrecisionPolicy`` (no autocast): ``bf16-mixed`` computes
   in bf16 over fp32 sharded parameters (the master weights) with fp32 gradient reduction; ``32-true`` is fp32.
 * checkpoints are directories of DCP shards, written atomically (``lightning_modules.checkpoint_io``), loadable on
-  another world size.
+  another world size (a single process included); a single-file checkpoint loads too, each rank keeping its shards.
 """
 
 from __future__ import annotations
