@@ -116,3 +116,69 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors(norm_type):
     for p, r in zip(params, ref, strict=False):
         torch.testing.assert_close(p.grad, r.grad)
     assert clip_grad_norm_([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0
+
+
+def _compiled_worker(rank: int, rdzv: str, config, activation_checkpointing: str) -> None:  # noqa: ANN001
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=2)
+    try:
+        tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+        results = []
+        for compile in (False, True):
+            mesh = ParallelDims(ep=2).resolve(2).build_mesh("cpu")
+            torch.manual_seed(0)
+            model = _build(
+                config,
+                mesh,
+                param_dtype=torch.bfloat16,
+                compile=compile,
+                activation_checkpointing=activation_checkpointing,
+            )
+            out = model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False)
+            out.loss.backward()
+            results.append((out.loss.detach(), model.layers[1].ffn.experts.w1.grad.full_tensor()))
+        torch.testing.assert_close(results[1], results[0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("ac", ["none", "selective"])
+def test_compiled_blocks_with_ep_match_eager(tmp_path, tiny_config, one_thread, monkeypatch, ac):
+    # FSDP2 x EP with per-block torch.compile (aot_eager: the CPU has no grouped-GEMM Inductor kernel) gives the
+    # eager loss and expert gradients: the EP hooks, their host sync and DTensor to_local trace through.
+    from models.parallel import compile as compile_module
+    from models.parallel import parallelize as parallelize_module
+
+    plain = compile_module.compile_blocks
+    monkeypatch.setattr(parallelize_module, "compile_blocks", lambda model: plain(model, backend="aot_eager"))
+    args = (f"file://{tmp_path}/rdzv", tiny_config, ac)
+    mp.start_processes(_compiled_worker, args=args, nprocs=2, join=True, start_method="fork")
+
+
+def _clip_group_worker(rank: int, rdzv: str, grads: list[torch.Tensor], norm_type: float) -> None:
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=2)
+    try:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads[rank::2]]  # each rank holds other params
+        for p, g in zip(params, grads[rank::2], strict=True):
+            p.grad = g.clone()
+        norm = clip_grad_norm_(params, 1.0, norm_type, group=dist.group.WORLD)
+        ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(ref, grads, strict=True):
+            p.grad = g.clone()
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
+        torch.testing.assert_close(norm, expected)
+        for p, r in zip(params, ref[rank::2], strict=True):
+            torch.testing.assert_close(p.grad, r.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_clip_grad_norm_over_a_group_of_ranks_holding_other_parameters(tmp_path, norm_type, one_thread):
+    # Pipeline stages: the norm over both ranks' parameters is the one-process norm, and both clip by it.
+    grads = [torch.randn(4, 3) * 2, torch.randn(5), torch.randn(2, 2) * 3]  # rank 0: 0 and 2; rank 1: 1
+    args = (f"file://{tmp_path}/rdzv", grads, norm_type)
+    mp.start_processes(_clip_group_worker, args=args, nprocs=2, join=True, start_method="fork")
