@@ -192,3 +192,25 @@ def test_a_sharded_checkpoint_without_the_strategy_is_one_line(runs, tmp_path, c
     assert main(["validate", *small_args(tmp_path), "--ckpt_path", str(sharded)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "is a sharded checkpoint: load it with --trainer.strategy" in err[0], err
+
+
+@pytest.mark.slow
+def test_torchrun_launch_and_resume_from_last(tmp_path):
+    """The multi-node path on one machine: torchrun starts the processes, Lightning starts none; --ckpt_path last
+    finds the link to the newest sharded checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for steps, resume in ((3, []), (5, ["--ckpt_path", "last"])):
+        args = small_args(tmp_path, max_steps=steps, devices=2, val_check_interval=3)
+        args += [f"--trainer.strategy={STRATEGY}", "--trainer.strategy.init_args.ep=2", *resume]
+        run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613"]
+        run += ["-m", "lightning_modules.cli", "fit", *args]
+        proc = subprocess.run(run, cwd=root, env=env, capture_output=True)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name.startswith("last.ckpt.000005-")
+    assert b"Restored all states from the checkpoint" in proc.stderr + proc.stdout
