@@ -30,16 +30,24 @@ def batch_tokens(batch: Any) -> tuple[int, int]:
     )
 
 
+def data_parallel_size(trainer: Trainer) -> int:
+    """Ranks that read their own batch: the strategy's ``distributed_sampler_kwargs`` (``DeepSeekV3Strategy``'s
+    ``dp`` mesh dimension, without pipeline peers), else the world size."""
+    kwargs = trainer.distributed_sampler_kwargs
+    return kwargs["num_replicas"] if kwargs else trainer.world_size
+
+
 class ThroughputMonitor(Callback):
     """Log tokens/s, step time and MFU every ``log_every_n_steps`` optimizer steps.
 
     Wall time is read only on logging steps, after one device synchronisation there, so training steps are never
     held up; the first optimizer step (warm-up, compilation) and validation are left out of the timing. Tokens
-    count every rank: ``trainer.world_size`` x local tokens (data-parallel ranks each read their own batch).
+    count the data-parallel ranks, each of which reads its own batch: ``data_parallel_size(trainer)`` x local tokens
+    (under expert or pipeline parallelism the world size is larger).
 
     Metrics: ``perf/tokens_per_s`` (global), ``perf/step_time_s`` (mean seconds per optimizer step), and
-    ``perf/mfu`` = ``config.flops_per_token(S)`` x tokens/s / (``peak_flops`` x world size), the fraction of the
-    devices' peak used by the model's matmuls and attention. tokens/s and MFU also go to the progress bar.
+    ``perf/mfu`` = ``config.flops_per_token(S)`` x tokens/s / (``peak_flops`` x world size), the fraction of all
+    the devices' peak used by the model's matmuls and attention. tokens/s and MFU also go to the progress bar.
 
     Args:
         log_every_n_steps: Interval in optimizer steps; ``None`` = the Trainer's ``log_every_n_steps``.
@@ -95,7 +103,7 @@ class ThroughputMonitor(Callback):
         now = self._now(pl_module)
         self._elapsed += now - self._t_last
         self._t_last = now
-        tokens_per_s = self._tokens * trainer.world_size / self._elapsed
+        tokens_per_s = self._tokens * data_parallel_size(trainer) / self._elapsed
         metrics = {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": self._elapsed / self._steps}
         peak, config = self._peak(pl_module), getattr(getattr(pl_module, "model", None), "config", None)
         if peak is not None and config is not None:

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from datamodules.corpus import shakespeare_data_files
 from datamodules.documents import DocumentSource, is_held_out, iter_documents
 from datamodules.encoding import DocumentEncoder
+from datamodules.global_order import ORDERS, RankRows, rank_rows
 from datamodules.resumable import ResumableLoader, StreamState
 from datamodules.stream import PackedStream, StreamSpec
 from datamodules.tokenizer import SPECIAL_TOKENS, cached_bpe, eos_token_id, fim_token_ids, load_tokenizer
@@ -49,15 +50,20 @@ class PretrainDataModule(L.LightningDataModule):
             byte-level BPE of ``vocab_size`` tokens on the default corpus.
         vocab_size: the size of the default BPE; ignored when ``tokenizer`` is given.
         seq_len: tokens of context per example (S); windows hold S + 1 tokens.
-        batch_size: examples per batch, per data-parallel rank (B).
+        batch_size: examples per batch, per data-parallel rank (B); the global batch is B x the data-parallel size.
         num_workers: DataLoader worker processes for training data; the resume state is tied to this number.
         shuffle_buffer: documents in the shuffle buffer (also shuffles file order); 0 keeps the dataset order.
         seed: seed for shuffling and FIM.
         fim_rate: fraction of training documents rearranged for Fill-in-Middle (the report uses 0.1).
-        val_batches: validation batches over all ranks (rounded up to a multiple of the world size).
+        val_batches: validation batches over all ranks (rounded up to a multiple of the world size); with
+            ``order="global"``, global batches of ``batch_size`` x the data-parallel size.
         eos_token: the end-of-document token, when it cannot be found from the tokenizer's config.
         load_kwargs: extra ``load_dataset`` keyword arguments; the ``text`` builder gets ``sample_by="document"``
             (one document per file) and ``encoding_errors="replace"`` unless given here.
+        order: ``"sharded"``: each data-parallel rank reads its own share of the documents (the data order depends
+            on the world size); ``"global"``: every rank reads the whole stream and keeps its rows of each global
+            batch, so batches, order and resume position do not depend on the world size, at the cost of every
+            rank tokenizing every document (``datamodules.global_order``).
         rank: the data-parallel rank, overriding the trainer's (tests, custom meshes); give ``world_size`` too.
         world_size: the data-parallel world size, overriding the trainer's.
     """
@@ -82,6 +88,7 @@ class PretrainDataModule(L.LightningDataModule):
         val_batches: int = 16,
         eos_token: str | None = None,
         load_kwargs: dict | None = None,
+        order: str = "sharded",
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -153,12 +160,15 @@ class PretrainDataModule(L.LightningDataModule):
         num_streams = max(1, self.num_workers)
         if self._state is None:
             self._state = StreamState.fresh(num_streams)
+        read_rank, read_world, read_batch = rank, world_size, self.batch_size
+        if self.hparams.order == "global":  # read as one process with the global batch, keep this rank's rows
+            read_rank, read_world, read_batch = 0, 1, self.batch_size * world_size
         spec = StreamSpec(
             source=self.train_source,
-            batch_size=self.batch_size,
+            batch_size=read_batch,
             seq_len=self.seq_len,
-            rank=rank,
-            world_size=world_size,
+            rank=read_rank,
+            world_size=read_world,
             num_streams=num_streams,
             seed=self.hparams.seed,
             shuffle_buffer=self.hparams.shuffle_buffer,
@@ -168,6 +178,8 @@ class PretrainDataModule(L.LightningDataModule):
             self._tokenizer, self._eos_id, self.hparams.fim_rate, self._fim_ids, self.hparams.seed
         )
         make_stream = functools.partial(_make_stream, spec, self._train_dataset, encoder)
+        if self.hparams.order == "global":
+            make_stream = functools.partial(_rank_rows_stream, make_stream, rank * self.batch_size, self.batch_size)
         self._train_loader = ResumableLoader(
             make_stream,
             self.num_workers,
@@ -191,14 +203,13 @@ class PretrainDataModule(L.LightningDataModule):
         if fraction > 0:
             documents = (text for text in documents if is_held_out(text, fraction))
         rank, world_size = self.data_parallel()
+        encoder = DocumentEncoder(self._tokenizer, self._eos_id)
+        kwargs = {"seq_len": self.seq_len, "num_batches": self.hparams.val_batches}
+        if self.hparams.order == "global":  # the global batches of one process, this rank's rows of each
+            batches = validation_batches(documents, encoder, batch_size=self.batch_size * world_size, **kwargs)
+            return [rank_rows(b, rank * self.batch_size, self.batch_size) for b in batches]
         return validation_batches(
-            documents,
-            DocumentEncoder(self._tokenizer, self._eos_id),
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            num_batches=self.hparams.val_batches,
-            rank=rank,
-            world_size=world_size,
+            documents, encoder, batch_size=self.batch_size, rank=rank, world_size=world_size, **kwargs
         )
 
     def data_parallel(self) -> tuple[int, int]:
@@ -234,11 +245,11 @@ class PretrainDataModule(L.LightningDataModule):
         """The training stream's position after the last consumed batch, for every data-parallel rank."""
         rank, world_size = self.data_parallel()
         local = self._state or StreamState.fresh(max(1, self.num_workers))
-        return {
-            "version": _STATE_VERSION,
-            **self._layout(world_size),
-            "ranks": {r: state.to_dict() for r, state in self._gather(rank, world_size, local).items()},
-        }
+        state = {"version": _STATE_VERSION, **self._layout(world_size)}
+        if self.hparams.order == "global":  # one stream, the same on every rank
+            return {**state, "stream": local.to_dict()}
+        ranks = self._gather(rank, world_size, local)
+        return {**state, "ranks": {r: s.to_dict() for r, s in ranks.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream from a checkpoint (Lightning calls this after ``setup``).
@@ -249,6 +260,7 @@ class PretrainDataModule(L.LightningDataModule):
         """
         if not state_dict:
             return
+        state_dict = _one_stream_as_global(state_dict, self.hparams.order)
         layout = self._layout(self.data_parallel()[1])
         if state_dict.get("source") != layout["source"]:
             log.warning(
@@ -258,12 +270,16 @@ class PretrainDataModule(L.LightningDataModule):
             )
             return
         for field, value in layout.items():
-            if state_dict.get(field) != value:
+            if state_dict.get(field, "sharded" if field == "order" else None) != value:
                 raise ValueError(
                     f"Cannot resume the data stream: the checkpoint was saved with {field}={state_dict.get(field)!r}, "
                     f"this run has {field}={value!r}. Document positions depend on it; resume with the same value "
-                    f"(num_streams is max(1, num_workers))."
+                    f"(num_streams is max(1, num_workers); data.order global resumes on any world size)."
                 )
+        if self.hparams.order == "global":
+            self._state = StreamState.from_dict(state_dict["stream"])
+            self._train_loader = None
+            return
         rank, saved = self.data_parallel()[0], sorted(state_dict["ranks"])
         if rank not in saved:
             raise ValueError(f"Cannot resume the data stream of rank={rank}: the checkpoint holds ranks {saved}.")
@@ -271,15 +287,20 @@ class PretrainDataModule(L.LightningDataModule):
         self._train_loader = None
 
     def _layout(self, world_size: int) -> dict[str, Any]:
+        """What the saved positions depend on; under ``order="global"`` the world size is not part of it."""
         hp = self.hparams
-        return {
+        layout = {
             "source": repr((hp.path, hp.name, hp.split, hp.data_files, hp.text_column)),
+            "order": hp.order,
             "world_size": world_size,
             "num_streams": max(1, self.num_workers),
             "seed": hp.seed,
             "shuffle_buffer": hp.shuffle_buffer,
             "vocab_size": self.vocab_size,
         }
+        if hp.order == "global":
+            del layout["world_size"]
+        return layout
 
     def _gather(self, rank: int, world_size: int, local: StreamState) -> dict[int, StreamState]:
         """Every rank's state (checkpoints are written by rank 0 only), via the strategy's all-gather."""
@@ -294,6 +315,20 @@ class PretrainDataModule(L.LightningDataModule):
 def _make_stream(spec: StreamSpec, dataset, encoder: DocumentEncoder, state: StreamState) -> PackedStream:
     """The training stream starting at ``state`` (a module-level function, so the loader pickles)."""
     return PackedStream(spec, dataset, encoder, list(state.positions), state.next_stream)
+
+
+def _one_stream_as_global(state_dict: dict[str, Any], order: str) -> dict[str, Any]:
+    """A one-rank ``sharded`` position is a ``global`` one (its rank read the whole stream): a run started on one
+    device continues under ``order="global"`` on any number of ranks."""
+    if order != "global" or state_dict.get("order", "sharded") != "sharded" or state_dict.get("world_size") != 1:
+        return state_dict
+    state = {k: v for k, v in state_dict.items() if k not in ("world_size", "ranks")}
+    return {**state, "order": "global", "stream": state_dict["ranks"][0]}
+
+
+def _rank_rows_stream(make_stream, start: int, rows: int, state: StreamState) -> RankRows:
+    """``order="global"``: this rank's rows of the global stream starting at ``state``."""
+    return RankRows(make_stream(state), start, rows)
 
 
 def _check_args(args: dict[str, Any]) -> None:
@@ -317,6 +352,7 @@ def _check_args(args: dict[str, Any]) -> None:
             not (args["val_split"] and args["val_fraction"] > 0),
             f"and val_split={args['val_split']!r} are alternatives; set only one",
         ),
+        ("order", args["order"] in ORDERS, f"must be one of {ORDERS}"),
         ("rank", (rank is None) == (world_size is None), f"and world_size={world_size!r} must be given together"),
         ("rank", world_size is None or 0 <= rank < world_size, f"must be in [0, world_size={world_size})"),
     ]

@@ -32,6 +32,8 @@ from lightning_modules.module import (
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
+from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
+from models.parallel.mixed_precision import cast_parameters
 
 OVERVIEW = """\
 usage: dsv3 {fit,validate,test,generate,convert,sweep} [options]
@@ -117,18 +119,33 @@ class DSV3CLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or ckpt_path in _SPECIAL_CKPT or str(ckpt_path).startswith("registry"):
             return
-        if not Path(ckpt_path).is_file():
+        if not Path(ckpt_path).is_file() and not is_sharded_checkpoint(ckpt_path):
             raise UserError(
-                f"--ckpt_path {ckpt_path}: no such file. Give a .ckpt file, or 'last' to resume from the newest "
-                "checkpoint of the configured ModelCheckpoint directory"
+                f"--ckpt_path {ckpt_path}: no such file. Give a .ckpt file (or a sharded .ckpt directory), or 'last' "
+                "to resume from the newest checkpoint of the configured ModelCheckpoint directory"
             )
-        hparams = _read_checkpoint(ckpt_path).get("hyper_parameters", {})
+        hparams = _read_checkpoint(ckpt_path, weights=False).get("hyper_parameters", {})
         saved = {k: hparams[k] for k in ("preset", "overrides") if k in hparams}
         if not saved:
             return
         # The checkpoint's model becomes the default; config files and flags parsed on top of it win.
         self._subcommand_parsers[subcommand].set_defaults({f"model.{k}": v for k, v in saved.items()})
         self.parse_arguments(self.parser, self._raw_args)
+
+    def before_fit(self) -> None:
+        """Check the parallel layout against the model, and the checkpoint's kind, before any process starts."""
+        if isinstance(self.trainer.strategy, DeepSeekV3Strategy):
+            self.trainer.strategy.check_model(self.model.config)
+            return
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and is_sharded_checkpoint(ckpt_path):
+            raise UserError(
+                f"--ckpt_path {ckpt_path} is a sharded checkpoint: load it with --trainer.strategy "
+                "lightning_modules.strategy.DeepSeekV3Strategy (on any number of devices), or make it one file with "
+                f"dsv3 convert --ckpt_path {ckpt_path} --to_ckpt OUT.ckpt"
+            )
+
+    before_validate = before_test = before_fit
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -159,8 +176,11 @@ def _is_model_checkpoint(class_path: str) -> bool:
         return False
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def _read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict[str, Any]:
+    """A single-file checkpoint, or a sharded one (``DeepSeekV3Strategy``'s directory) read into the same form."""
     try:
+        if is_sharded_checkpoint(path):
+            return read_sharded_checkpoint(path, weights=weights)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {err}") from err
@@ -209,16 +229,22 @@ def generate_main(argv: list[str]) -> int:
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsv3 convert",
-        description="Convert between a Lightning checkpoint and a Hugging Face folder (config.json + safetensors).",
+        description="Convert between a Lightning checkpoint and a Hugging Face folder (config.json + safetensors), "
+        "or a sharded checkpoint directory (DeepSeekV3Strategy) into a single-file one.",
         epilog="examples:\n  dsv3 convert --ckpt_path runs/tiny/checkpoints/last.ckpt --to_hf hf_tiny/\n"
-        "  dsv3 convert --hf_path hf_tiny/ --to_ckpt tiny_from_hf.ckpt",
+        "  dsv3 convert --hf_path hf_tiny/ --to_ckpt tiny_from_hf.ckpt\n"
+        "  dsv3 convert --ckpt_path runs/tiny-fsdp-ep/checkpoints/last.ckpt --to_ckpt tiny.ckpt  # sharded -> file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt_path", help="Lightning .ckpt to export")
+    src.add_argument("--ckpt_path", help="Lightning .ckpt to export (a file, or a sharded checkpoint directory)")
     src.add_argument("--hf_path", help="HF checkpoint folder to import")
     p.add_argument("--to_hf", help="output folder (with --ckpt_path)")
-    p.add_argument("--to_ckpt", help="output .ckpt (with --hf_path); loadable by validate/test/generate")
+    p.add_argument(
+        "--to_ckpt",
+        help="output .ckpt, loadable by validate/test/generate (with --hf_path, or with --ckpt_path of a sharded "
+        "checkpoint: its weights and metadata, no optimizer state)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast weights (default: keep)")
     return p
 
@@ -231,11 +257,21 @@ def convert_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.ckpt_path:
-        if not args.to_hf:
-            parser.error("--ckpt_path needs --to_hf OUT_DIR")
-        model = model_from_checkpoint(_read_checkpoint(_existing(args.ckpt_path, "--ckpt_path")))
-        save_hf_checkpoint(model, args.to_hf, dtype=dtype)
-        print(f"wrote {args.to_hf}")
+        if not args.to_hf and not args.to_ckpt:
+            parser.error("--ckpt_path needs --to_hf OUT_DIR or, for a sharded checkpoint, --to_ckpt OUT.ckpt")
+        if args.to_ckpt and not is_sharded_checkpoint(args.ckpt_path):
+            parser.error("--ckpt_path FILE --to_ckpt: the checkpoint is already a single file")
+        checkpoint = _read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
+        model = model_from_checkpoint(checkpoint)
+        if args.to_ckpt:  # the sharded checkpoint's metadata with the full weights, as one file
+            if dtype is not None:
+                cast_parameters(model, dtype)
+            state = {f"model.{k}": v for k, v in model.state_dict().items()}
+            AtomicCheckpointIO().save_checkpoint({**checkpoint, "state_dict": state}, args.to_ckpt)
+            print(f"wrote {args.to_ckpt}")
+        if args.to_hf:
+            save_hf_checkpoint(model, args.to_hf, dtype=dtype)
+            print(f"wrote {args.to_hf}")
     else:
         if not args.to_ckpt:
             parser.error("--hf_path needs --to_ckpt OUT.ckpt")

@@ -17,9 +17,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from callbacks.moe_counts import MoECounts
+from lightning_modules.strategy import DeepSeekV3Strategy
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
+from models.parallel.parallelize import init_weights as init_sharded_weights
+from models.parallel.parallelize import parallelize
 from models.rope import rope_freqs_cis
 
 # Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
@@ -140,7 +143,22 @@ class DeepSeekV3LitModule(LightningModule):
             return
         with torch.device("meta"):
             model = DeepSeekV3(self.config)
-        # A parallelism/FP8 transform of the meta model hooks in here, before memory is allocated.
+        # An FP8 transform of the meta model hooks in here, before memory is allocated.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DeepSeekV3Strategy):  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
+            parallelize(
+                model,
+                strategy.device_mesh,
+                param_dtype=strategy.param_dtype,
+                activation_checkpointing=self.hparams.activation_checkpointing,
+                compile=self.hparams.compile,
+                ranks_per_node=strategy.num_processes,
+            )
+            model.to_empty(device=strategy.root_device)  # each rank allocates its shards only
+            init_sharded_weights(model, buffer_device=strategy.root_device)
+            self.model = model
+            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group)  # summed over dp ranks only
+            return
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
@@ -161,16 +179,25 @@ class DeepSeekV3LitModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/ce_loss", out.ce_loss)
+        dp = self._data_parallel_mean()
+        self.log("train/loss", out.loss, prog_bar=True, **dp)
+        self.log("train/ce_loss", out.ce_loss, **dp)
         if out.mtp_loss is not None:
-            self.log("train/mtp_loss", out.mtp_loss)
+            self.log("train/mtp_loss", out.mtp_loss, **dp)
         if out.balance_loss is not None:
-            self.log("train/balance_loss", out.balance_loss)
+            self.log("train/balance_loss", out.balance_loss, **dp)
         self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out.loss
+
+    def _data_parallel_mean(self) -> dict[str, Any]:
+        """``self.log`` arguments for the mean over the data-parallel ranks under ``DeepSeekV3Strategy``, whose ranks
+        each train on their own rows of the global batch (one small all-reduce per scalar; no host sync)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSeekV3Strategy) and strategy.parallel_dims.dp > 1:
+            return {"sync_dist": True, "sync_dist_group": strategy.data_parallel_group}
+        return {}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)

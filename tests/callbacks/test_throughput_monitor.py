@@ -95,3 +95,11 @@ def test_validation_time_is_excluded(monkeypatch, tmp_path, tiny_config, lit_fac
     assert step == 3
     assert metrics["perf/tokens_per_s"] == pytest.approx(32 / 20)
     assert "perf/mfu" not in metrics  # CPU without a peak given
+
+
+def test_tokens_count_data_parallel_ranks_not_the_world():
+    from types import SimpleNamespace
+
+    pipeline = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}, world_size=8)
+    assert tm.data_parallel_size(pipeline) == 2  # e.g. 2 replicas x 4 pipeline stages read 2 batches
+    assert tm.data_parallel_size(SimpleNamespace(distributed_sampler_kwargs=None, world_size=1)) == 1

@@ -42,10 +42,10 @@ def test_all_configs_found():
 def test_config_parses_as_written(path):
     cli = DSV3CLI(args=["--config", str(path), *ON_THIS_MACHINE], run=False)
     full = cli.parser.parse_args(expand_config_args(["--config", str(path)]))  # GPU strategy, data keys as written
-    assert full.model.preset == path.stem
+    assert path.stem.startswith(full.model.preset)  # named after its preset (tiny-fsdp-ep: tiny)
     model = cli.model
     assert isinstance(model, DeepSeekV3LitModule) and model.model is None  # nothing allocated yet
-    preset = DeepSeekV3Config.from_preset(path.stem, vocab_size=cli.datamodule.vocab_size)
+    preset = DeepSeekV3Config.from_preset(full.model.preset, vocab_size=cli.datamodule.vocab_size)
     for key, value in (full.model.overrides or {}).items():
         setattr(preset, key, value)
     assert model.config == preset
