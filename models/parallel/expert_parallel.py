@@ -53,6 +53,7 @@ class ExpertParallel:
         if ep_mesh.ndim != 1:
             raise ValueError(f"ExpertParallel needs the 1-D 'ep' mesh, got {ep_mesh}")
         distribute_module(experts, ep_mesh, _shard_experts, self._dispatch, self._combine)
+        experts.expert_parallel = self  # what wraps it (read by the pipeline: which groups the exchanges use)
         return experts
 
     def _group(self, mesh: DeviceMesh) -> dist.ProcessGroup:

@@ -11,6 +11,11 @@ are reduced in ``reduce_dtype``. The gates get their own FSDP unit with an fp32 
 never touches buffers, so the expert biases and load counters stay fp32. With no data parallelism at all (one rank)
 there is nothing to shard: no ``fully_shard``, the parameters (but the gates') are cast to ``param_dtype`` and an
 fp32-master optimizer (``MasterWeightAdamW``) keeps the fp32 truth, the fastest one-GPU path.
+
+Pipeline stages (``pp > 1``) are not FSDP-sharded either: their data-parallel ranks hold them whole (the experts EP
+-sharded), the report's PP x EP x DP layout, and ``models.parallel.pipeline`` averages their gradients after each
+step. FSDP2's per-block all-gathers and reduce-scatters would otherwise run inside DualPipe's two concurrent chunks,
+racing on one process group (docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def parallelize(
     dims.check_model(model.config, ranks_per_node)
     if any(p.device.type != "meta" for p in model.parameters()):
         raise ValueError("parallelize expects the model built on the meta device (with torch.device('meta'): ...)")
-    if dims.dp > 1 and model.config.tie_word_embeddings:
+    if dims.dp > 1 and dims.pp == 1 and model.config.tie_word_embeddings:
         raise ValueError("tie_word_embeddings is not supported under FSDP2 (parallelize); set it to false")
     if dims.ep > 1:
         backward_group = new_ep_backward_group(mesh) if ep_backward_group else None
@@ -70,9 +75,9 @@ def parallelize(
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         compile_blocks(model)
-    if dims.dp > 1:
+    if dims.dp > 1 and dims.pp == 1:
         _apply_fsdp(model, mesh, dims, param_dtype, reduce_dtype, reshard_after_forward)
-    else:
+    else:  # one rank, or pipeline stages: their dp ranks replicate them (models.parallel.pipeline)
         _cast_for_compute(model, param_dtype)
     return model
 

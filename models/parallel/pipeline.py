@@ -26,6 +26,12 @@ threads, so activation checkpointing's recomputation (which replays forward code
 desynchronise them: every AC mode composes. The weight-gradient halves (``W``) are deferred wherever the schedule
 emits ``I``/``W`` actions (DualPipeV's warm-up and cool-down, ZBV everywhere).
 
+Data and expert parallelism (``StageDataParallel``). The stages' data-parallel ranks hold them whole, the experts
+sharded over ``ep`` (``parallelize`` applies EP and no FSDP2 under ``pp > 1``): the report's PP x EP x DP layout.
+Each dp rank runs the schedule on its own rows of the global batch; the EP all-to-alls inside the chunks are the
+only collectives there (on two groups, one per direction, so the overlap's two threads never race on one), and the
+gradients are averaged over the dp ranks once per step, after the schedule.
+
 Shapes: B micro-batch, S sequence, D model dim.
 """
 
@@ -39,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -48,9 +55,11 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
+from torch.distributed.tensor import DTensor
 
 from models.config import DeepSeekV3Config
 from models.model import DeepSeekV3, run_blocks
+from models.parallel.mesh import ParallelDims, submesh
 
 SCHEDULES = {
     "DualPipeV": ScheduleDualPipeV,
@@ -252,9 +261,60 @@ class Stage(nn.Module):
         return out.loss * self.scale
 
 
+class StageDataParallel:
+    """Data parallelism of pipeline stages: average gradients and logged losses over the ``dp`` ranks.
+
+    Every dp rank holds this pp rank's stages whole, the routed experts sharded over ``ep`` (rank r of an EP group
+    holds experts r*El .. (r+1)*El - 1) and replicated over ``(dp_replicate, efsdp)``. After the schedule, dense
+    gradients are all-reduced over ``dp`` and the experts' over their replicas, both divided by the dp size: an
+    expert's gradient already sums the tokens of its whole EP group (the all-to-all's backward brings them), each dp
+    rank's loss being the mean over its own rows. One all-reduce per group, on a flat fp32 buffer, in the schedule's
+    thread after both chunks of every pair are done, so it never races with the EP exchanges.
+
+    Args:
+        mesh: The ``("pp", "dp_replicate", "efsdp", "ep")`` mesh of ``ParallelDims.build_mesh``.
+    """
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        dims = ParallelDims.from_mesh(mesh)
+        self.size = dims.dp
+        self.group = submesh(mesh, "dp").get_group()
+        replicas = submesh(mesh, "dp_replicate", "efsdp")._flatten("dp_experts") if dims.dp > dims.ep else None
+        self.expert_group = replicas.get_group() if replicas is not None else None
+
+    @torch.no_grad()
+    def average_grads(self, params: list[nn.Parameter]) -> None:
+        """Replace each gradient of ``params`` (this rank's) by its mean over the data-parallel ranks."""
+        dense, experts = [], []
+        for p in params:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:  # every dp rank must bring the same buffer; the model uses all its parameters
+                p.grad = torch.zeros_like(p)
+            (experts if isinstance(p.grad, DTensor) else dense).append(p.grad)
+        _all_reduce_mean(dense, self.group, self.size)
+        _all_reduce_mean([g.to_local() for g in experts], self.expert_group, self.size)
+
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values, group=self.group)
+        return values / self.size
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, size: int) -> None:
+    """``t = sum over group / size`` in place, for all ``tensors`` at once (None group: this rank only)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat /= size
+    for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(mean.view_as(t))
+
+
 @dataclass
 class PipelineLosses:
-    """One step's losses, means over the micro-batches, equal on every rank of the pipeline group."""
+    """One step's losses, means over the micro-batches (and the dp ranks), equal on every rank."""
 
     loss: torch.Tensor
     ce_loss: torch.Tensor
@@ -273,6 +333,7 @@ class PipelineRunner:
     pipeline: PipelineConfig
     pipeline_stages: list[PipelineStage] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # of the states sent between stages
+    data_parallel: StageDataParallel | None = None  # dp > 1: the stages' replicas to average with
 
     @property
     def has_first(self) -> bool:
@@ -285,11 +346,14 @@ class PipelineRunner:
     def step(self, tokens: torch.Tensor) -> PipelineLosses:
         """Forward and backward of a (B, S+1) batch (the rank's own: the same on every rank of its pp group).
 
-        Gradients accumulate into ``.grad`` of this rank's parameters, scaled as the single-process mean loss.
+        Gradients accumulate into ``.grad`` of this rank's parameters, scaled as the single-process mean loss of
+        the global batch (all dp ranks' rows).
         """
         args = (tokens,) if self.has_first else ()
         target = tokens if self.has_last else None
         self.schedule.step(*args, target=target)
+        if self.data_parallel is not None:
+            self.data_parallel.average_grads(list(self.model.parameters()))
         return self.reduce_losses(tokens.device)
 
     @torch.no_grad()
@@ -330,6 +394,8 @@ class PipelineRunner:
             stage.balance_losses.clear()
         dist.all_reduce(totals, group=self.group)
         totals /= n_mb
+        if self.data_parallel is not None:  # the global batch's means
+            totals = self.data_parallel.average(totals)
         config = self.model.config
         mtp = totals[1] if config.num_nextn_predict_layers > 0 else None
         moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
@@ -352,6 +418,7 @@ def build_pipeline(
     dtype: torch.dtype = torch.float32,
     deferred_weight_grads: bool = True,
     stages: list[Stage] | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> PipelineRunner:
     """Stages and schedule for a model already pruned by ``prune_to_stages`` and materialised on ``device``.
 
@@ -367,14 +434,21 @@ def build_pipeline(
             weight grads later. False computes both in ``I`` (``W`` does nothing): needed under activation
             checkpointing, whose selective mode allows one backward per region and whose full mode would
             recompute each block a second time for ``W``.
-        stages: This rank's ``make_stages`` views, when they were made before ``parallelize`` (FSDP2 roots);
-            None makes them here.
+        stages: This rank's ``make_stages`` views, when they were made before ``parallelize``; None makes them here.
+        mesh: The full mesh (``ParallelDims.build_mesh``) when the stages also have data-parallel ranks (dp > 1,
+            EP included): gradients and losses are then averaged over them (``StageDataParallel``).
 
     Returns:
         PipelineRunner.
     """
     pp, rank = group.size(), group.rank()
     validate(model.config, pipeline, pp)
+    if pipeline.schedule == "DualPipeV" and pipeline.overlap and _ep_without_backward_group(model):
+        raise ValueError(
+            "pipeline.overlap=true with expert parallelism needs the backward passes' EP exchanges on their own "
+            "process group (the two overlapped chunks would interleave theirs on one group): call parallelize(..., "
+            "ep_backward_group=True), or set pipeline.overlap: false"
+        )
     ranges = stage_layer_ranges(model.config, pipeline, pp)
     n_stages, n_mb = len(ranges), pipeline.microbatches(pp)
     stages = stages if stages is not None else make_stages(model, pipeline, pp, rank)
@@ -413,7 +487,13 @@ def build_pipeline(
         schedule = schedule_cls(pipeline_stages, n_mb, loss_fn=loss_fn, scale_grads=False)
     if pipeline.schedule == "DualPipeV" and pipeline.overlap:
         schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
-    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages, dtype)
+    data_parallel = StageDataParallel(mesh) if mesh is not None and ParallelDims.from_mesh(mesh).dp > 1 else None
+    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages, dtype, data_parallel)
+
+
+def _ep_without_backward_group(model: nn.Module) -> bool:
+    wrappers = [getattr(m, "expert_parallel", None) for m in model.modules()]
+    return any(ep is not None and ep.backward_group is None for ep in wrappers)
 
 
 def _no_weight_pass() -> Callable[[], None]:
