@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -35,7 +36,7 @@ from models.parallel.mesh import ParallelDims, new_ep_backward_group, submesh
 
 def parallelize(
     model: DeepSeekV3,
-    mesh,  # noqa: ANN001 - a DeviceMesh from ParallelDims.build_mesh
+    mesh: DeviceMesh,
     *,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype = torch.float32,
@@ -84,7 +85,7 @@ def parallelize(
 
 def _apply_fsdp(
     model: DeepSeekV3,
-    mesh,  # noqa: ANN001
+    mesh: DeviceMesh,
     dims: ParallelDims,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
@@ -111,11 +112,7 @@ def _apply_fsdp(
 
 
 def _shard_experts(
-    experts: nn.Module,
-    mesh,
-    dims: ParallelDims,
-    policy: MixedPrecisionPolicy,
-    reshard_after_forward: bool,  # noqa: ANN001
+    experts: nn.Module, mesh: DeviceMesh, dims: ParallelDims, policy: MixedPrecisionPolicy, reshard_after_forward: bool
 ) -> None:
     """FSDP2 over (dp_replicate, efsdp) for experts that EP already sharded along E over ep."""
     n_local = experts.w1.shape[0] // dims.ep
