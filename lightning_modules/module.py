@@ -7,6 +7,7 @@ one forward, the loss the model returns, ``self.log`` of tensors (no host sync).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
+from models.parallel.fp8 import FP8Config, convert_to_fp8
 from models.rope import rope_freqs_cis
 
 # Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
@@ -92,6 +94,8 @@ class DeepSeekV3LitModule(LightningModule):
         compile: ``torch.compile`` each transformer block (``models.parallel.compile_blocks``); on GPUs.
         activation_checkpointing: ``none``, ``selective`` (keep matmul/attention outputs, recompute the rest) or
             ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
+        fp8: FP8 training (``models.parallel.fp8``, docs/fp8.md): a recipe name (``tensorwise``, ``rowwise``,
+            ``blockwise``) or ``{recipe: ..., experts: true, exclude: [module patterns]}``; None (default): off.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class DeepSeekV3LitModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: str = "none",
+        fp8: str | FP8Config | None = None,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
@@ -111,6 +116,7 @@ class DeepSeekV3LitModule(LightningModule):
                 f"model.activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
             )
         self.config = build_config(preset, overrides, vocab_size)
+        self.fp8 = FP8Config.parse(fp8)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -121,6 +127,7 @@ class DeepSeekV3LitModule(LightningModule):
         # under one name); the resolved config carries the model's, for TensorBoard and checkpoint readers.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len"])
         self.hparams["model_config"] = self.config.to_dict()
+        self.hparams["fp8"] = dataclasses.asdict(self.fp8) if self.fp8 is not None else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
         self.tokens_seen = 0
@@ -137,8 +144,10 @@ class DeepSeekV3LitModule(LightningModule):
             return
         with torch.device("meta"):
             model = DeepSeekV3(self.config)
-        # A parallelism/FP8 transform of the meta model hooks in here, before memory is allocated.
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
+        if self.fp8 is not None:
+            convert_to_fp8(model, self.fp8, device=device)
+        # A parallelism transform of the meta model hooks in here, before memory is allocated.
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
         apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
