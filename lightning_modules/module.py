@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from callbacks.moe_counts import MoECounts
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.parallel.fp8 import FP8Config, convert_to_fp8
@@ -130,6 +131,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["fp8"] = dataclasses.asdict(self.fp8) if self.fp8 is not None else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
+        # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
+        self.moe_counts: MoECounts | None = None
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -154,6 +157,7 @@ class DeepSeekV3LitModule(LightningModule):
         if self.hparams.compile:
             compile_blocks(model)
         self.model = model
+        self.moe_counts = MoECounts(model)  # the default group: every rank is data-parallel here
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         """(B, S) token ids -> ``DeepSeekV3Output``."""
