@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def train(run: str, data: dict, args: argparse.Namespace) -> dict[int, dict[str,
     steps = data["train"].shape[0]
     module = DeepSeekV3LitModule(
         preset="tiny",
-        overrides={**CONVERGENCE_MODEL, "vocab_size": data["vocab"]},
+        overrides={**CONVERGENCE_MODEL, **args.model_overrides, "vocab_size": data["vocab"]},
         seq_len=data["train"].shape[-1] - 1,
         optimizer=lambda p: MasterWeightAdamW(p, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
         lr_scheduler=lambda o: WarmupStableCosineLR(
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="none,blockwise,tensorwise", help="none (bf16) and/or FP8 recipes")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON changes to CONVERGENCE_MODEL")
     p.add_argument("--plot-csv", type=Path, help="only re-plot this CSV into --out")
     p.add_argument("--title", default=None)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -247,14 +249,14 @@ def main(argv: list[str] | None = None) -> None:
         results = read_csv(args.plot_csv)
     else:
         data = torch.load(args.batches)
-        data["train"] = data["train"][: args.steps]
+        data["train"], data["val"] = data["train"][: args.steps], data["val"][: args.val_batches]
         results = {}
         for run in args.runs.split(","):
             results[run] = train(run, data, args)
             write_csv(args.out / "fp8_convergence.csv", results)  # after each run: a timeout keeps the finished
     from models import DeepSeekV3Config
 
-    config = DeepSeekV3Config.from_preset("tiny", **{**CONVERGENCE_MODEL, "vocab_size": 4096})
+    config = DeepSeekV3Config.from_preset("tiny", **{**CONVERGENCE_MODEL, **args.model_overrides, "vocab_size": 4096})
     title = args.title or f"{config.num_params() / 1e9:.2f}B-param MoE on Shakespeare, same data and seed"
     try:
         plot(args.out / "fp8_convergence.png", results, title)

@@ -5,8 +5,8 @@ gradient) in FP8 and keeps the embedding, the output head, the MoE gate, the nor
 operator in higher precision. Here:
 
 - dense linears (MLA's projections, the dense and shared-expert MLPs, MTP's ``eh_proj``) become torchao's
-  ``Float8Linear`` (``tensorwise``, ``rowwise``) or ``Float8BlockwiseLinear`` (``blockwise``: 1x128 activation
-  tiles, 128x128 weight blocks, as the report);
+  ``Float8Linear`` (``tensorwise``, ``rowwise``) or ``BlockwiseLinear`` (``blockwise``: 1x128 activation tiles,
+  128x128 weight blocks, as the report; torchao's ``Float8BlockwiseLinear`` numerics on this project's kernels);
 - the routed experts become ``Float8GroupedExperts`` (this project's FP8 grouped GEMMs, same granularity);
 - the head is excluded by name; the embedding, gate, norms and attention are not linears and are never touched.
 
@@ -27,9 +27,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.moe import GroupedExperts
+from models.moe import GroupedExperts, compute_dtype
 from models.parallel.fp8_experts import Float8GroupedExperts
-from models.parallel.fp8_quant import BLOCK, GRANULARITIES, dequantize, quantize
+from models.parallel.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_wgrad
+from models.parallel.fp8_quant import (
+    BLOCK,
+    GRANULARITIES,
+    quantize_act,
+    quantize_act_t,
+    quantize_weight,
+    quantize_weight_t,
+)
 
 FP8_RECIPES = GRANULARITIES
 REPORT_EXCLUDED = ("head",)  # the output head (the embedding, gate, norms and attention are not linears)
@@ -128,9 +136,8 @@ def convert_to_fp8(
     for name in experts:
         _set_submodule(model, name, Float8GroupedExperts(model.get_submodule(name), config.recipe))
     if config.recipe == "blockwise":
-        linear_cls = _blockwise_linear_cls(native)
         for name in dense:
-            _set_submodule(model, name, linear_cls.from_float(model.get_submodule(name)))
+            _set_submodule(model, name, BlockwiseLinear.from_float(model.get_submodule(name)))
     elif dense:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -172,51 +179,53 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _blockwise_linear_cls(native: bool) -> type:
-    if not native:
-        return EmulatedBlockwiseLinear
-    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
-
-    return Float8BlockwiseLinear
-
-
-# ----------------------------------------------------------------------------------------------- blockwise reference
+# ----------------------------------------------------------------------------------------------- blockwise linear
 class _BlockwiseLinear(torch.autograd.Function):
-    """y = x w^T with the report's FP8 blockwise numerics, dequantised into float32 matmuls.
+    """y = x w^T with the report's blockwise FP8 numerics, on the grouped GEMM kernels with one group.
 
     Forward and input gradient: x and dy in 1x128 tiles along the sum, w in 128x128 blocks (one quantisation serves
-    w and w^T). Weight gradient: dy^T and x^T in 1x128 tiles along the tokens it sums over. Rows are padded to a
-    multiple of 128 with zeros (exact: zero rows add nothing).
+    w and w^T). Weight gradient: dy^T and x^T in 1x128 tiles along the tokens it sums over. The backward keeps x^T in
+    FP8. Rows are padded to a multiple of 128 with zeros (exact: zero rows add nothing). The same numerics as
+    torchao's ``Float8BlockwiseLinear``, but every GEMM a custom op and every quantisation plain PyTorch, so a
+    compiled block has no graph break (torchao 0.18's breaks at each ``F.scaled_mm`` under torch 2.11).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        x_MK = x.reshape(-1, x.shape[-1])
-        w = dequantize(*quantize(weight, (BLOCK, BLOCK)))
-        ctx.save_for_backward(x_MK, w)
-        ctx.weight_dtype = weight.dtype
-        y = dequantize(*quantize(x_MK, (1, BLOCK))) @ w.t()
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+        x_MK = _pad_rows(x.reshape(-1, x.shape[-1]))
+        offsets = torch.full((1,), x_MK.shape[0], dtype=torch.int32, device=x.device)  # one group: every row
+        w = weight.unsqueeze(0)  # (1, N, K)
+        y = fp8_grouped_mm(
+            *quantize_act(x_MK, "blockwise"), *quantize_weight(w, "blockwise"), offsets, "blockwise", dtype
+        )
+        ctx.save_for_backward(offsets, *quantize_act_t(x_MK, "blockwise", offsets), *quantize_weight_t(w, "blockwise"))
+        ctx.rows, ctx.weight_dtype = x.reshape(-1, x.shape[-1]).shape[0], weight.dtype
+        return y[: ctx.rows].reshape(*x.shape[:-1], -1)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        x_MK, w = ctx.saved_tensors
-        dy_MN = dy.reshape(-1, dy.shape[-1])
-        dx = dequantize(*quantize(dy_MN, (1, BLOCK))) @ w
-        pad = -x_MK.shape[0] % BLOCK
-        dy_t, x_t = (torch.nn.functional.pad(t, (0, 0, 0, pad)).t() for t in (dy_MN, x_MK))
-        dw = dequantize(*quantize(dy_t, (1, BLOCK))) @ dequantize(*quantize(x_t, (1, BLOCK))).t()
-        return dx.to(dy.dtype).reshape(*dy.shape[:-1], -1), dw.to(ctx.weight_dtype)
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
+        offsets, xq_t, sx_t, wq_t, sw_t = ctx.saved_tensors
+        dy_MN = _pad_rows(dy.reshape(-1, dy.shape[-1]))
+        g = "blockwise"
+        dx = fp8_grouped_mm(*quantize_act(dy_MN, g), wq_t, sw_t, offsets, g, dy.dtype)[: ctx.rows]
+        dw = fp8_grouped_mm_wgrad(*quantize_act_t(dy_MN, g, offsets), xq_t, sx_t, offsets, g, ctx.weight_dtype)
+        return dx.reshape(*dy.shape[:-1], -1), dw[0], None
 
 
-class EmulatedBlockwiseLinear(nn.Linear):
-    """``nn.Linear`` with the blockwise FP8 recipe emulated in plain PyTorch: the CPU path and the GPU's reference."""
+def _pad_rows(x_MK: torch.Tensor) -> torch.Tensor:
+    pad = -x_MK.shape[0] % BLOCK
+    return torch.nn.functional.pad(x_MK, (0, 0, 0, pad)) if pad else x_MK
+
+
+class BlockwiseLinear(nn.Linear):
+    """``nn.Linear`` under the blockwise FP8 recipe (``_BlockwiseLinear``); on a CPU its GEMMs are emulated."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _BlockwiseLinear.apply(x, self.weight)
+        dtype = compute_dtype(x)
+        return _BlockwiseLinear.apply(x.to(dtype), self.weight, dtype)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> EmulatedBlockwiseLinear:
+    def from_float(cls, linear: nn.Linear) -> BlockwiseLinear:
         """A bias-free ``nn.Linear`` with in/out features multiples of 128, reusing its weight Parameter."""
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False)

@@ -46,7 +46,9 @@ def quantize(x: torch.Tensor, block: tuple[int, ...], dtype: torch.dtype = E4M3)
     inner = tuple(range(1, blocked.ndim, 2))
     inv_s = fp8_max / blocked.abs().amax(dim=inner, keepdim=True).float().clamp(min=_EPS)  # as torchao's kernels
     q = (blocked.float() * inv_s).clamp(-fp8_max, fp8_max).to(dtype)
-    return q.reshape(x.shape), inv_s.reciprocal().reshape([n // b for n, b in zip(x.shape, block, strict=True)])
+    # Contiguous even for a transposed x (elementwise ops would keep its strides): the GEMMs read q row by row.
+    q = q.reshape(x.shape).contiguous()
+    return q, inv_s.reciprocal().reshape([n // b for n, b in zip(x.shape, block, strict=True)])
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

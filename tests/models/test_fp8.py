@@ -20,7 +20,7 @@ from torch import nn
 from models import DeepSeekV3, DeepSeekV3Config
 from models.attention import RMSNorm
 from models.moe import Gate, GroupedExperts, MoE, padded_rows
-from models.parallel.fp8 import EmulatedBlockwiseLinear, FP8Config, check_device, convert_to_fp8
+from models.parallel.fp8 import BlockwiseLinear, FP8Config, check_device, convert_to_fp8
 from models.parallel.fp8_experts import Float8GroupedExperts
 from models.parallel.fp8_grouped_mm import grouped_mm_reference, grouped_mm_wgrad_reference
 from models.parallel.fp8_quant import (
@@ -84,7 +84,7 @@ def test_conversion_lists_converted_modules_and_leaves_the_report_exclusions_unt
     unfit = [n for n in linears if n.endswith("wkv_a")] if recipe == "blockwise" else []
     experts = [n for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
     assert converted == sorted(set(linears) - set(unfit) | set(experts))
-    dense_cls = {"blockwise": EmulatedBlockwiseLinear}.get(recipe)
+    dense_cls = {"blockwise": BlockwiseLinear}.get(recipe)
     for name in converted:
         module = model.get_submodule(name)
         if name in experts:
@@ -198,6 +198,31 @@ def test_rowwise_weight_gradient_operand_has_one_scale_per_expert_and_column():
     for e, (lo, hi) in enumerate([(0, 128), (128, 256), (256, 384)]):
         torch.testing.assert_close(s[e], x[lo:hi].abs().amax(dim=0) / 448)
         torch.testing.assert_close(q_t[:, lo:hi].float() * s[e][:, None], x[lo:hi].t(), rtol=0.07, atol=0)
+
+
+def test_quantised_transposes_are_contiguous_for_the_kernels():
+    w, x = torch.randn(2, 256, 128), torch.randn(256, 128)
+    offsets = torch.tensor([128, 256], dtype=torch.int32)
+    for g in GRANULARITIES:
+        assert quantize_weight_t(w, g)[0].is_contiguous() and quantize_act_t(x, g, offsets)[0].is_contiguous()
+
+
+def test_blockwise_linear_matches_its_definition_in_float64():
+    """The report's recipe written out: 1x128 x and dy, 128x128 w, 1x128 dy^T and x^T along the tokens."""
+    torch.manual_seed(0)
+    linear = BlockwiseLinear.from_float(nn.Linear(256, 384, bias=False))
+    x = torch.randn(2, 100, 256, requires_grad=True)  # 200 rows: padded to 256 inside
+    dy = torch.randn(2, 100, 384)
+    linear(x).backward(dy)
+    deq = lambda t, block: dequantize(*quantize(t, block)).double()  # noqa: E731
+    pad = lambda t: F.pad(t, (0, 0, 0, 56))  # noqa: E731
+    x2, dy2, w = pad(x.detach().reshape(200, 256)), pad(dy.reshape(200, 384)), linear.weight.detach()
+    y_ref = deq(x2, (1, 128)) @ deq(w, (128, 128)).t()
+    dx_ref = deq(dy2, (1, 128)) @ deq(w, (128, 128))
+    dw_ref = deq(dy2.t(), (1, 128)) @ deq(x2.t(), (1, 128)).t()
+    torch.testing.assert_close(linear(x).reshape(200, 384).double(), y_ref[:200], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.reshape(200, 256).double(), dx_ref[:200], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.weight.grad.double(), dw_ref, rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- padded groups
@@ -421,12 +446,12 @@ def test_tensorwise_and_rowwise_kernels_match_torch_scaled_mm_on_gpu():
 
 
 @pytest.mark.gpu
-def test_torchao_blockwise_linear_matches_the_emulated_reference_on_gpu():
-    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+def test_blockwise_linear_matches_torchaos_on_gpu():
+    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear as TorchaoBlockwiseLinear
 
     torch.manual_seed(0)
     linear = nn.Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
-    ours, theirs = EmulatedBlockwiseLinear.from_float(linear), Float8BlockwiseLinear.from_float(linear)
+    ours, theirs = BlockwiseLinear.from_float(linear), TorchaoBlockwiseLinear.from_float(linear)
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(1024, 384, device="cuda", dtype=torch.bfloat16)
     results = []
