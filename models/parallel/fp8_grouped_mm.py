@@ -273,7 +273,7 @@ def _launch_mm(a, sa, b, sb, offsets, granularity, out_dtype):  # noqa: ANN001, 
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _grouped_mm_kernel[grid](
         a, sa.contiguous(), b, sb.contiguous(), out, offsets, m, n, k, n_experts,
-        SCALING=_SCALING[granularity], E_POW2=triton.next_power_of_2(n_experts),
+        SCALING=_SCALING[granularity], E_POW2=max(16, triton.next_power_of_2(n_experts)),
     )  # fmt: skip
     return out
 
