@@ -21,7 +21,9 @@ Scales (float32 dequantisation multipliers, ``models.parallel.fp8_quant``) per g
 
 Tensorwise and rowwise scales are constant along the sum and multiply the float32 accumulator once, in the epilogue.
 Blockwise scales change every 128 elements of the sum: each 128-wide step's product is scaled before it is added to
-the float32 accumulator, which is also the report's "promotion" of partial sums to full precision (section 3.3.2).
+the float32 accumulator. Either way partial sums are promoted to full float32 every 128 elements of the sum, the
+report's remedy (section 3.3.2) for Hopper's FP8 tensor cores accumulating with about 14 bits: Triton's default on
+sm_90 (``max_num_imprecise_acc`` = 2**30) never promotes.
 
 Why our own kernels: torchao 0.18's FP8 grouped GEMMs are rowwise only at bf16's speed (its quantisation kernels
 eat the GEMM's gain), and its blockwise grouped GEMM runs 5-15x slower than bf16 on an H200.
@@ -197,8 +199,8 @@ if triton is not None:
                     s_a = tl.load(sa_ptr + offs_m * n_kb + k)
                     s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k, mask=n_mask)
                     acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
-                else:
-                    acc = tl.dot(a, b, acc)
+                else:  # promoted to the float32 accumulator every BLOCK_K (see the module docstring)
+                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
             if SCALING == 0:
@@ -251,7 +253,7 @@ if triton is not None:
                 s_b = tl.load(sb_ptr + offs_k * n_mb + m // 128, mask=k_mask)
                 acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
             else:
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_M)
             a_ptrs += BLOCK_M
             b_ptrs += BLOCK_M
         if SCALING == 0:
