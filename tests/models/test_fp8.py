@@ -78,7 +78,7 @@ def test_conversion_lists_converted_modules_and_leaves_the_report_exclusions_unt
     kept = {name: module for name, module in model.named_modules() if isinstance(module, nn.Embedding | RMSNorm | Gate)}
     kept["head"] = model.head
     params = {name: p for name, p in model.named_parameters()}
-    converted = _quiet_convert(model, FP8Config(recipe))
+    converted = _quiet_convert(model, FP8Config(recipe, experts=True))
     linears = [n for n, m in DeepSeekV3(fp8_config).named_modules() if type(m) is nn.Linear and n != "head"]
     # wkv_a's out = 192 is a multiple of 16, not of 128
     unfit = [n for n in linears if n.endswith("wkv_a")] if recipe == "blockwise" else []
@@ -101,9 +101,10 @@ def test_conversion_lists_converted_modules_and_leaves_the_report_exclusions_unt
 
 
 def test_module_filter_and_experts_switch(fp8_config):
+    assert FP8Config("tensorwise").experts is False  # the routed experts stay bf16 unless asked (docs/fp8.md: speed)
     with torch.device("meta"):
         model = DeepSeekV3(fp8_config)
-    converted = _quiet_convert(model, FP8Config("tensorwise", experts=False, exclude=["layers.0.*", "*.wo"]))
+    converted = _quiet_convert(model, FP8Config("tensorwise", exclude=["layers.0.*", "*.wo"]))
     assert converted and not any(n.startswith("layers.0.") or n.endswith(".wo") for n in converted)
     assert not any(isinstance(m, Float8GroupedExperts) for m in model.modules())
     assert type(model.layers[0].attn.wq_a) is nn.Linear and type(model.layers[1].attn.wq_a) is not nn.Linear
@@ -113,7 +114,7 @@ def test_shapes_a_recipe_cannot_take_are_kept_with_one_warning_naming_them(tiny_
     with torch.device("meta"):
         model = DeepSeekV3(tiny_config)  # dims 64, 32, 16: blockwise takes none
     with pytest.warns(UserWarning) as record:
-        converted = convert_to_fp8(model, FP8Config("blockwise"), device="cpu")
+        converted = convert_to_fp8(model, FP8Config("blockwise", experts=True), device="cpu")
     assert converted == []
     messages = [str(w.message) for w in record]
     assert sum("emulated" in m for m in messages) == 1  # the CPU says so once
@@ -371,7 +372,7 @@ def test_tiny_model_trains_with_every_recipe_within_a_few_percent_of_fp32(fp8_co
     ref = _train(fp8_config, None, steps=6)
     assert ref[-1] < 0.9 * ref[0]
     for recipe in GRANULARITIES:
-        losses = _train(fp8_config, FP8Config(recipe), steps=6)
+        losses = _train(fp8_config, FP8Config(recipe, experts=True), steps=6)
         assert abs(losses[-1] - ref[-1]) / ref[-1] < 0.03, (recipe, losses, ref)
 
 
@@ -398,15 +399,20 @@ def _grouped_operands(granularity: str, device: str, n: int = 336, k: int = 272)
 
 
 def _check_kernels(granularity: str, device: str) -> None:
+    """Kernels against the dequantised float32 reference: exact in the interpreter; on a GPU within what FP8 tensor
+    cores' ~14-bit accumulation inside each promoted 128-wide step allows (relative norm error ~1e-4)."""
     from models.parallel import fp8_grouped_mm as G
 
     mm, wgrad, offsets = _grouped_operands(granularity, device)
-    out = G._launch_mm(*mm, offsets, granularity, torch.float32)
-    ref = grouped_mm_reference(*[t.cpu() for t in mm], offsets.cpu(), torch.float32)
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
-    out = G._launch_wgrad(*wgrad, offsets, granularity, torch.float32)
-    ref = grouped_mm_wgrad_reference(*[t.cpu() for t in wgrad], offsets.cpu(), granularity, torch.float32)
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    outs = [G._launch_mm(*mm, offsets, granularity, torch.float32)]
+    refs = [grouped_mm_reference(*[t.cpu() for t in mm], offsets.cpu(), torch.float32)]
+    outs.append(G._launch_wgrad(*wgrad, offsets, granularity, torch.float32))
+    refs.append(grouped_mm_wgrad_reference(*[t.cpu() for t in wgrad], offsets.cpu(), granularity, torch.float32))
+    for out, ref in zip(outs, refs, strict=True):
+        if device == "cpu":
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.isfinite(out).all() and ((out.cpu() - ref).norm() / ref.norm()) < 2e-3
 
 
 @pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (CPU interpreter)")
@@ -514,7 +520,7 @@ def test_model_trains_natively_with_every_recipe_on_gpu(fp8_config, recipe):
 
     if "bf16" not in _BF16_LOSSES:  # one bf16 reference for the three recipes
         _BF16_LOSSES["bf16"] = train(None)
-    ref, got = _BF16_LOSSES["bf16"], train(FP8Config(recipe))
+    ref, got = _BF16_LOSSES["bf16"], train(FP8Config(recipe, experts=True))
     assert ref[-1] < 0.9 * ref[0]
     assert abs(got[-1] - ref[-1]) / ref[-1] < 0.03, (got, ref)
 
