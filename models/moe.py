@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models.config import DeepSeekV3Config
 
@@ -78,6 +79,11 @@ class Gate(nn.Module):
         nn.init.zeros_(self.e_score_correction_bias)
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    # This rank's experts of an expert-parallel DTensor (no communication); a plain tensor as it is.
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on ``x`` run in: autocast's when it is on, else x's own."""
     # torch._grouped_mm has no autocast rule: follow autocast by hand.
@@ -89,7 +95,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked (E, ...) weights and run with one grouped GEMM per projection.
 
-    ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights.
+    ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights. Under
+    expert parallelism (``models.parallel.expert_parallel``) they are DTensors sharded along E and the forward
+    runs this rank's experts on the tokens dispatched to it.
     ``group_alignment``: the row multiple at which every expert's group must start (1: none; FP8 kernels need more).
     """
 
@@ -106,14 +114,14 @@ class GroupedExperts(nn.Module):
 
         Args:
             x_ND: (N, D) token copies grouped by expert.
-            offsets_E: (E,) int32 cumulative row counts.
+            offsets_E: (E,) int32 cumulative row counts (E = the local experts under expert parallelism).
 
         Returns:
             (N, D) in the compute dtype.
         """
         dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
-        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (_local(w).to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
         h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
         return torch._grouped_mm(h_NF, w2, offs=offsets_E)
 
@@ -163,6 +171,11 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
         (inverse_N,) = ctx.saved_tensors
         return grad_ND[inverse_N], None, None
+
+
+def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """``x_ND[perm_N]`` for a permutation with inverse ``inverse_N``; differentiable, its backward a gather too."""
+    return _Permute.apply(x_ND, perm_N, inverse_N)
 
 
 def _scatter_rows(x_MD: torch.Tensor, rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -287,7 +300,7 @@ class MoE(nn.Module):
             out_ND = self.experts(_PadGroups.apply(x_TKD, rows_TK, n_rows), offsets_E)
             out_TKD = _UnpadGroups.apply(out_ND, rows_TK[inverse_TK])  # rows in (token, k) order
         else:
-            out_TKD = _Permute.apply(self.experts(x_TKD, offsets_E), inverse_TK, order_TK)
+            out_TKD = permute_rows(self.experts(x_TKD, offsets_E), inverse_TK, order_TK)  # (token, k) order
         y_TD = (out_TKD.view(-1, top_k, out_TKD.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
         return y_TD.to(out_TKD.dtype)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.moe import GroupedExperts, compute_dtype
+from models.moe import GroupedExperts, _local, compute_dtype
 from models.parallel.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_wgrad
 from models.parallel.fp8_quant import (
     BLOCK,
@@ -105,8 +105,10 @@ class Float8GroupedExperts(GroupedExperts):
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Same contract as ``GroupedExperts.forward``; groups must start at multiples of ``group_alignment``."""
         # The weights are quantised from their own dtype (fp32 masters under autocast): no bf16 copy is made.
+        # Under expert parallelism they are DTensors: this rank's experts, as GroupedExperts.forward takes them.
         x_ND = x_ND.to(compute_dtype(x_ND))
-        return _Float8SwiGLU.apply(x_ND, self.w1, self.w2, self.w3, offsets_E, self.granularity)
+        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        return _Float8SwiGLU.apply(x_ND, w1, w2, w3, offsets_E, self.granularity)
 
     def extra_repr(self) -> str:
         return f"granularity={self.granularity}"
