@@ -526,3 +526,62 @@ def test_model_trains_natively_with_every_recipe_on_gpu(fp8_config, recipe):
 
 
 _BF16_LOSSES: dict[str, list[float]] = {}
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2 + EP
+def _fp8_parallel_worker(rank: int, rdzv: str, config, ref: dict) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from models.parallel.mesh import ParallelDims, submesh
+    from models.parallel.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=2)
+    try:
+        mesh = ParallelDims(dp_shard=2, ep=2).resolve(2).build_mesh("cpu")
+        with torch.device("meta"):
+            model = DeepSeekV3(config)
+        _quiet_convert(model, FP8Config("blockwise", experts=True))  # fp8 -> EP -> FSDP2, on the meta model
+        parallelize(model, mesh, param_dtype=torch.float32)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        set_model_state_dict(model, dict(ref["state"]), options=StateDictOptions(full_state_dict=True))
+        dp = submesh(mesh, "dp")
+        batch = ref["batch"].chunk(2)[dp.get_local_rank()]
+        out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        out.ce_loss.backward()
+        loss = out.ce_loss.detach()
+        dist.all_reduce(loss, group=dp.get_group())
+        torch.testing.assert_close(loss / 2, ref["loss"], rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            err = ((grad - ref["grads"][name]).norm() / ref["grads"][name].norm()).item()
+            # The forward, the input gradients and the dense weight gradients quantise per row or per 128-token
+            # tile that both layouts share: fp32 rounding apart. The experts' weight gradients sum over token groups
+            # that EP assembles rank by rank, so their 1x128 tiles (and scales) differ: FP8 noise apart.
+            assert err < (0.05 if ".experts." in name else 1e-4), (name, err)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fp8_experts_and_linears_under_fsdp2_and_ep_match_one_process(tmp_path, fp8_config, one_thread):
+    import torch.multiprocessing as mp
+
+    config = DeepSeekV3Config.from_dict({**fp8_config.to_dict(), "num_nextn_predict_layers": 0})
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    _quiet_convert(model, FP8Config("blockwise", experts=True))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    batch = torch.randint(0, config.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))  # 128 tokens/rank
+    out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+    out.ce_loss.backward()
+    ref = {"state": model.state_dict(), "batch": batch, "loss": out.ce_loss.detach()}
+    ref["grads"] = {n: p.grad for n, p in model.named_parameters()}
+    mp.start_processes(
+        _fp8_parallel_worker, args=(f"file://{tmp_path}/rdzv", config, ref), nprocs=2, join=True, start_method="fork"
+    )
