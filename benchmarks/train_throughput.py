@@ -27,6 +27,12 @@ Example (one H200):
       --impl ours,torchtitan,transformers --out bench_out
 CPU smoke run (seconds): python benchmarks/train_throughput.py --device cpu --preset tiny --seq-len 64 --steps 2 \
       --impl ours,ours-lightning
+
+FP8 (``--fp8``, comma-separated, each measured; docs/fp8.md): ``none`` (bf16), a recipe (``tensorwise``, ``rowwise``,
+``blockwise``: dense linears and routed experts in FP8) or a recipe with ``-dense`` (experts stay bf16). ours and
+ours-lightning convert with ``models.parallel.fp8`` (``model.fp8``); torchtitan with its own float8 converters
+(torchao's Float8Linear for tensorwise/rowwise, torchao's rowwise FP8 grouped GEMM for the experts; no blockwise).
+  python benchmarks/train_throughput.py --compile --impl ours --fp8 none,tensorwise-dense,tensorwise,blockwise
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +78,14 @@ class Variant:
     compile: bool
     precision: str = "master"
     ac: str = "none"
+    fp8: str = "none"
+
+    @property
+    def fp8_config(self):  # noqa: ANN201 - FP8Config or None
+        from models.parallel.fp8 import FP8Config
+
+        recipe = self.fp8.removesuffix("-dense")
+        return None if recipe == "none" else FP8Config(recipe, experts=not self.fp8.endswith("-dense"))
 
 
 @dataclass
@@ -102,6 +116,10 @@ def _autocast(device: torch.device, enabled: bool = True) -> contextlib.Abstract
 def build_ours(config: DeepSeekV3Config, v: Variant, device: torch.device, parallel: bool = False):
     with torch.device("meta"):
         model = DeepSeekV3(config)
+    if v.fp8_config is not None:
+        from models.parallel.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, v.fp8_config, device=device)
     if parallel and v.precision != "master":
         raise ValueError("ours-parallel runs bf16 parameters with MasterWeightAdamW only: use --precision master")
     if parallel:
@@ -219,6 +237,8 @@ def build_torchtitan(config: DeepSeekV3Config, v: Variant, device: torch.device,
 
     with torch.device("meta"):
         model = DeepSeekV3Model(_torchtitan_args(config, seq_len, device))
+    if v.fp8_config is not None:
+        _torchtitan_fp8(model, v, device)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
@@ -239,6 +259,36 @@ def build_torchtitan(config: DeepSeekV3Config, v: Variant, device: torch.device,
         return loss
 
     return model, optimizer, step
+
+
+def _torchtitan_fp8(model: torch.nn.Module, v: Variant, device: torch.device) -> None:
+    """torchtitan's Float8LinearConverter as its trainer applies it (filter_fqns ["output"]: the head stays bf16).
+
+    Experts: torchtitan 0.2.2's Float8GroupedMMConverter imports ``MoETrainingConfig``, which torchao 0.18 renamed;
+    the same conversion (16-row token groups, expert weights wrapped for torchao's rowwise FP8 grouped GEMM) is
+    applied here with torchao 0.18's ``Float8TrainingOpConfig``.
+    """
+    from torchtitan.components.quantization.float8 import Float8LinearConverter
+    from torchtitan.config.job_config import JobConfig
+    from torchtitan.distributed import ParallelDims
+
+    cfg = v.fp8_config
+    if cfg.recipe == "blockwise":
+        raise ValueError("torchtitan has no blockwise FP8 recipe")
+    job = JobConfig()
+    job.quantize.linear.float8.recipe_name = None if cfg.recipe == "tensorwise" else cfg.recipe
+    job.quantize.linear.float8.filter_fqns = ["output"]
+    job.quantize.linear.float8.emulate = device.type != "cuda"  # the CPU smoke run
+    job.compile.enable, job.compile.components = v.compile, ["model", "loss"]
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    Float8LinearConverter(job, dims).convert(model)
+    if cfg.experts:
+        from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+        from torchao.quantization.quant_api import quantize_
+        from torchtitan.models.moe.utils import set_token_group_alignment_size_m
+
+        set_token_group_alignment_size_m(16)
+        quantize_(model, config=Float8TrainingOpConfig(), filter_fn=lambda _, fqn: "experts" in fqn)
 
 
 def _transformers_config(config: DeepSeekV3Config):
@@ -350,6 +400,8 @@ def lightning_cli_args(config: DeepSeekV3Config, v: Variant, args: argparse.Name
     }
     if args.preset == "tiny":
         flags["model.overrides"] = json.dumps({"max_position_embeddings": args.seq_len})
+    if v.fp8_config is not None:
+        flags["model.fp8"] = json.dumps(asdict(v.fp8_config))
     if device.type != "cuda":
         flags.update({"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true"})
     return ["--config", args.lightning_config, *(f"--{k}={v}" for k, v in flags.items())]
@@ -527,12 +579,15 @@ def markdown(results: list[Result], args: argparse.Namespace, device: torch.devi
     for r in sorted(results, key=lambda r: r.variant.compile):
         if r.status == "ok" and r.variant.impl in ("torchtitan", "transformers"):
             peers[(r.variant.impl, r.variant.micro_batch, r.variant.grad_accum)] = r.tokens_per_s
+    own_bf16 = {
+        _same_but_fp8(r.variant): r.tokens_per_s for r in results if r.status == "ok" and r.variant.fp8 == "none"
+    }
     lines = [
         header,
         "",
-        "| impl | precision | compile | AC | micro-batch | grad-accum | tokens/s | step ms | MFU "
-        "| MFU of measured peak | peak GiB | x torchtitan (compiled if run) | x transformers |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| impl | precision | fp8 | compile | AC | micro-batch | grad-accum | tokens/s | step ms | MFU "
+        "| MFU of measured peak | peak GiB | x own bf16 | x torchtitan (compiled if run) | x transformers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         v = r.variant
@@ -540,14 +595,21 @@ def markdown(results: list[Result], args: argparse.Namespace, device: torch.devi
         for peer in ("torchtitan", "transformers"):
             ref = peers.get((peer, v.micro_batch, v.grad_accum))
             ratios.append(_fmt(r.tokens_per_s / ref, ".2f") if ref and r.status == "ok" else "—")
+        bf16 = own_bf16.get(_same_but_fp8(v))
+        vs_bf16 = _fmt(r.tokens_per_s / bf16, ".3f") if bf16 and r.status == "ok" and v.fp8 != "none" else "—"
         precision = v.precision if v.impl.startswith("ours") else "autocast"
         lines.append(
-            f"| {v.impl} | {precision} | {'yes' if v.compile else 'no'} | {v.ac} | {v.micro_batch} | {v.grad_accum} "
-            f"| {_fmt(r.tokens_per_s, ',.0f') if r.status == 'ok' else r.status} | {_fmt(r.step_ms, '.1f')} "
-            f"| {_fmt(100 * r.mfu, '.1f')} % | {_fmt(100 * r.mfu_measured_peak, '.1f')} % "
-            f"| {_fmt(r.peak_mem_gib, '.1f')} | {ratios[0]} | {ratios[1]} |"
+            f"| {v.impl} | {precision} | {v.fp8} | {'yes' if v.compile else 'no'} | {v.ac} | {v.micro_batch} "
+            f"| {v.grad_accum} | {_fmt(r.tokens_per_s, ',.0f') if r.status == 'ok' else r.status} "
+            f"| {_fmt(r.step_ms, '.1f')} | {_fmt(100 * r.mfu, '.1f')} % | {_fmt(100 * r.mfu_measured_peak, '.1f')} % "
+            f"| {_fmt(r.peak_mem_gib, '.1f')} | {vs_bf16} | {ratios[0]} | {ratios[1]} |"
         )
     return "\n".join(lines)
+
+
+def _same_but_fp8(v: Variant) -> tuple:
+    """The key of the variant's bf16 twin: every field but ``fp8``."""
+    return (v.impl, v.micro_batch, v.grad_accum, v.compile, v.precision, v.ac)
 
 
 def _header(config: DeepSeekV3Config, args: argparse.Namespace, device: torch.device) -> str:
@@ -573,6 +635,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="per-block torch.compile (ours, torchtitan)")
     p.add_argument("--precision", default="master", help="ours: master (bf16 params) and/or autocast, comma list")
     p.add_argument("--ac", default="none", help="ours: activation checkpointing none|selective|full, comma list")
+    p.add_argument(
+        "--fp8", default="none", help="comma list of none|tensorwise|rowwise|blockwise, each optionally -dense"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, help="MFU peak of one device (default: its dense bf16 datasheet peak)")
@@ -617,7 +682,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                 for precision in args.precision.split(","):
                     for ac in args.ac.split(","):
                         out.append(Variant(impl, mb, ga, compiled, precision, ac))
-    return out
+    fp8s = args.fp8.split(",")
+    for name in fp8s:
+        Variant("ours", 1, 1, False, fp8=name).fp8_config  # noqa: B018 - an unknown recipe fails before anything runs
+    return [replace(v, fp8=f) for v in out for f in fp8s if f == "none" or v.impl != "transformers"]
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -648,7 +716,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             f"{r.peak_mem_gib:.1f} GiB, loss {r.loss:.3f}, setup {r.setup_s:.0f} s",
             flush=True,
         )
-        name = f"{v.impl}_mb{v.micro_batch}_ga{v.grad_accum}_{v.precision}_{v.ac}_{'c' if v.compile else 'e'}.json"
+        name = f"{v.impl}_mb{v.micro_batch}_ga{v.grad_accum}_{v.precision}_{v.ac}_{v.fp8}_{'ce'[not v.compile]}.json"
         (Path(args.out) / name).write_text(json.dumps(asdict(r), indent=1))
     table = markdown(results, args, device, header)
     (Path(args.out) / "table.md").write_text(table + "\n")

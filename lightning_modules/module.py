@@ -7,6 +7,7 @@ one forward, the loss the model returns, ``self.log`` of tensors (no host sync).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning_modules.strategy import DeepSeekV3Strategy
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
+from models.parallel.fp8 import FP8Config, convert_to_fp8
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
 
@@ -76,6 +78,8 @@ class DeepSeekV3LitModule(LightningModule):
         compile: ``torch.compile`` each transformer block (``models.parallel.compile_blocks``); on GPUs.
         activation_checkpointing: ``none``, ``selective`` (keep matmul/attention outputs, recompute the rest) or
             ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
+        fp8: FP8 training (``models.parallel.fp8``, docs/fp8.md): a recipe name (``tensorwise``, ``rowwise``,
+            ``blockwise``) or ``{recipe: ..., experts: true, exclude: [module patterns]}``; None (default): off.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DeepSeekV3LitModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: str = "none",
+        fp8: str | FP8Config | None = None,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
@@ -95,6 +100,7 @@ class DeepSeekV3LitModule(LightningModule):
                 f"model.activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
             )
         self.config = build_config(preset, overrides, vocab_size)
+        self.fp8 = FP8Config.parse(fp8)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -105,6 +111,7 @@ class DeepSeekV3LitModule(LightningModule):
         # under one name); the resolved config carries the model's, for TensorBoard and checkpoint readers.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len"])
         self.hparams["model_config"] = self.config.to_dict()
+        self.hparams["fp8"] = dataclasses.asdict(self.fp8) if self.fp8 is not None else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
         # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
@@ -124,9 +131,13 @@ class DeepSeekV3LitModule(LightningModule):
             return
         with torch.device("meta"):
             model = DeepSeekV3(self.config)
-        # An FP8 transform of the meta model hooks in here, before memory is allocated.
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DeepSeekV3Strategy):  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
+        sharded = isinstance(strategy, DeepSeekV3Strategy)
+        if self.fp8 is not None:  # FP8 linears and experts on the meta model, before EP/FSDP2 and allocation
+            convert_to_fp8(
+                model, self.fp8, device=strategy.root_device if sharded else torch.get_default_device(), fsdp=sharded
+            )
+        if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
             parallelize(
                 model,
                 strategy.device_mesh,

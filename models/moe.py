@@ -84,7 +84,8 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if isinstance(w, DTensor) else w
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on, else x's own."""
     # torch._grouped_mm has no autocast rule: follow autocast by hand.
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -97,7 +98,10 @@ class GroupedExperts(nn.Module):
     ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights. Under
     expert parallelism (``models.parallel.expert_parallel``) they are DTensors sharded along E and the forward
     runs this rank's experts on the tokens dispatched to it.
+    ``group_alignment``: the row multiple at which every expert's group must start (1: none; FP8 kernels need more).
     """
+
+    group_alignment = 1
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -115,7 +119,7 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D) in the compute dtype.
         """
-        dtype = _compute_dtype(x_ND)
+        dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         w1, w2, w3 = (_local(w).to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
         h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
@@ -174,6 +178,61 @@ def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tens
     return _Permute.apply(x_ND, perm_N, inverse_N)
 
 
+def _scatter_rows(x_MD: torch.Tensor, rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:
+    return x_MD.new_zeros(n_rows, x_MD.shape[1]).index_copy_(0, rows_M, x_MD)
+
+
+class _PadGroups(torch.autograd.Function):
+    """Rows put at distinct ``rows`` of a zero (n_rows, D) tensor: the padded expert groups. Backward: a gather."""
+
+    @staticmethod
+    def forward(ctx, x_MD: torch.Tensor, rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(rows_M)
+        return _scatter_rows(x_MD, rows_M, n_rows)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (rows_M,) = ctx.saved_tensors
+        return grad_ND[rows_M], None, None
+
+
+class _UnpadGroups(torch.autograd.Function):
+    """``x[rows]`` for distinct rows of the padded groups. Backward: the rows written back, zeros elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, rows_M: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(rows_M)
+        ctx.n_rows = x_ND.shape[0]
+        return x_ND[rows_M]
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (rows_M,) = ctx.saved_tensors
+        return _scatter_rows(grad_MD, rows_M, ctx.n_rows), None
+
+
+def padded_rows(
+    counts_E: torch.Tensor, expert_of_sorted_M: torch.Tensor, align: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each expert-sorted row goes when every expert's group starts at a multiple of ``align``; no host sync.
+
+    Args:
+        counts_E: (E,) rows per expert.
+        expert_of_sorted_M: (M,) expert of each row, sorted (M = counts_E.sum()).
+        align: Group alignment.
+
+    Returns:
+        (M,) destination rows, (E,) int32 padded group ends, and the padded row count: the static bound
+        ``M + E * (align - 1)`` rounded up to ``align`` (rows past the last group are padding too).
+    """
+    padded_E = (counts_E + align - 1) // align * align
+    ends_E = padded_E.cumsum(0, dtype=torch.int32)
+    shift_E = (ends_E - padded_E) - (counts_E.cumsum(0) - counts_E)  # padded group start - unpadded start
+    rows_M = torch.arange(expert_of_sorted_M.numel(), device=counts_E.device) + shift_E[expert_of_sorted_M]
+    n_rows = -(-(expert_of_sorted_M.numel() + counts_E.numel() * (align - 1)) // align) * align
+    return rows_M, ends_E, n_rows
+
+
 class MoE(nn.Module):
     """Shared experts + routed experts with no token dropping.
 
@@ -226,15 +285,22 @@ class MoE(nn.Module):
         """Permute token copies by expert, run the grouped GEMMs, un-permute and weight; no host sync.
 
         The combine gathers each token's K outputs back into (token, k) order and sums them in fp32, rather than
-        scatter-adding into (T, D): bf16 atomic adds cost ~3.5 ms a layer at 32K tokens on an H200.
+        scatter-adding into (T, D): bf16 atomic adds cost ~3.5 ms a layer at 32K tokens on an H200. Experts with a
+        ``group_alignment`` (the FP8 kernels') get each group padded with zero rows to start at a multiple of it.
         """
         top_k = topk_idx_TK.shape[1]
         order_TK = topk_idx_TK.flatten().argsort(stable=True)  # (TK,) sorted position -> (token, k) pair
         arange_TK = torch.arange(order_TK.numel(), device=order_TK.device)
         inverse_TK = torch.empty_like(order_TK).scatter_(0, order_TK, arange_TK)  # pair -> sorted position
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        out_TKD = self.experts(x_TD[order_TK // top_k], offsets_E)  # rows sorted by expert
-        out_TKD = permute_rows(out_TKD, inverse_TK, order_TK)  # rows in (token, k) order
+        x_TKD = x_TD[order_TK // top_k]  # rows sorted by expert
+        align = self.experts.group_alignment
+        if align > 1:
+            rows_TK, offsets_E, n_rows = padded_rows(counts_E, topk_idx_TK.flatten()[order_TK], align)
+            out_ND = self.experts(_PadGroups.apply(x_TKD, rows_TK, n_rows), offsets_E)
+            out_TKD = _UnpadGroups.apply(out_ND, rows_TK[inverse_TK])  # rows in (token, k) order
+        else:
+            out_TKD = permute_rows(self.experts(x_TKD, offsets_E), inverse_TK, order_TK)  # (token, k) order
         y_TD = (out_TKD.view(-1, top_k, out_TKD.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
         return y_TD.to(out_TKD.dtype)
 

@@ -77,6 +77,7 @@ class ExpertParallel:
             counts_PEl = all_to_all_single(counts_E, None, None, self._group(mesh)).view(n_ranks, -1)
             splits = torch.stack((counts_E.view(n_ranks, -1).sum(dim=1), counts_PEl.sum(dim=1)))
             send, recv = splits.cpu().tolist()  # the host sync: all-to-all split sizes must be ints
+        x_ND = x_ND[: sum(send)]  # rows past the last group: padding (of FP8 experts' aligned groups), not sent
         x_MD = self._exchange(x_ND, recv, send, mesh)  # rows by (source rank, local expert)
         # Regroup the rows by local expert (stable: each source's rows keep their order) for the grouped GEMMs.
         n_local = counts_PEl.shape[1]

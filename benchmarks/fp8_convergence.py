@@ -1,0 +1,270 @@
+"""BF16 against FP8 training on real text: same model, data, seed and schedule; loss curves and the final gap.
+
+Each run is ``DeepSeekV3LitModule`` under a Lightning Trainer (the ``dsv3 fit`` path): bf16 parameters with fp32
+master weights and moments (``MasterWeightAdamW``, as ``configs/bench-1gpu.yaml``), compiled blocks, aux-loss-free
+balancing, and ``model.fp8`` = none or a recipe. The data are the bundled Shakespeare corpus tokenised by the
+project's datamodule (4096-token BPE), held-out plays for validation.
+
+The model (``CONVERGENCE_MODEL``): 8 layers of width 1024 with 32 routed experts (top-4) of width 512, 0.41B
+parameters (0.1B active), every FP8 dimension a multiple of 128 so that blockwise converts what it would at V3's
+widths (all but ``wkv_a``, whose 576 outputs are not).
+
+    python benchmarks/fp8_convergence.py --dump-batches conv.pt             # CPU: tokenise once (needs datasets)
+    python benchmarks/fp8_convergence.py --batches conv.pt --runs none,blockwise,tensorwise --out out/   # GPU
+    python benchmarks/fp8_convergence.py --plot-csv out/fp8_convergence.csv --out docs/figures          # re-plot
+
+Outputs: ``fp8_convergence.csv`` (run, step, train CE, validation CE where measured) and ``fp8_convergence.png``;
+the summary printed last gives each FP8 run's gap to BF16: the mean training CE of the last 100 steps, and the
+final validation CE, against the report's 0.25 % bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONVERGENCE_MODEL = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "moe_intermediate_size": 512,
+    "num_hidden_layers": 8,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 8,
+    "q_lora_rank": 512,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 32,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_nextn_predict_layers": 0,
+    "max_position_embeddings": 1024,
+}
+TAIL = 100  # steps averaged for the final training loss
+
+
+def dump_batches(path: Path, steps: int, batch_size: int, seq_len: int, val_batches: int) -> None:
+    """Tokenise the corpus with the project's datamodule and save train and validation batches (int16)."""
+    from datamodules import PretrainDataModule
+
+    dm = PretrainDataModule(vocab_size=4096, seq_len=seq_len, batch_size=batch_size, val_batches=val_batches)
+    dm.setup("fit")
+    train = []
+    while len(train) < steps:
+        for batch in dm.train_dataloader():
+            train.append(batch)
+            if len(train) == steps:
+                break
+    val = list(dm.val_dataloader())
+    data = {"train": torch.stack(train).to(torch.int16), "val": torch.stack(val).to(torch.int16), "vocab": 4096}
+    torch.save(data, path)
+    print(f"saved train {tuple(data['train'].shape)}, val {tuple(data['val'].shape)} to {path}")
+
+
+class _Recorder:
+    """A Lightning logger keeping every logged scalar by step."""
+
+    def __new__(cls):  # noqa: ANN204 - defined lazily: Lightning is imported only for training
+        from lightning.pytorch.loggers import Logger
+
+        class Recorder(Logger):
+            name, version = "recorder", 0
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.rows: dict[int, dict[str, float]] = {}
+
+            def log_hyperparams(self, params, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+                pass
+
+            def log_metrics(self, metrics, step=None) -> None:  # noqa: ANN001
+                self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+
+        return Recorder()
+
+
+def train(run: str, data: dict, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """One training run; returns the logged scalars by step."""
+    import lightning.pytorch as pl
+
+    from callbacks import ExpertBiasBalancing
+    from lightning_modules import DeepSeekV3LitModule, WarmupStableCosineLR
+    from models.parallel import MasterWeightAdamW
+
+    pl.seed_everything(0, verbose=False)
+    steps = data["train"].shape[0]
+    module = DeepSeekV3LitModule(
+        preset="tiny",
+        overrides={**CONVERGENCE_MODEL, **args.model_overrides, "vocab_size": data["vocab"]},
+        seq_len=data["train"].shape[-1] - 1,
+        optimizer=lambda p: MasterWeightAdamW(p, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        lr_scheduler=lambda o: WarmupStableCosineLR(
+            o, warmup_steps=steps // 10, decay_start=steps // 2, decay_steps=steps - steps // 2, final_lr_ratio=0.1
+        ),
+        compile=args.compile,
+        fp8=None if run == "none" else run,
+    )
+    recorder = _Recorder()
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision="32-true",  # MasterWeightAdamW holds the fp32 masters and makes the parameters bf16
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=recorder,
+        log_every_n_steps=1,
+        callbacks=[ExpertBiasBalancing(gamma=1e-3)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(list(data["train"].long()), batch_size=None)
+    val = torch.utils.data.DataLoader(list(data["val"].long()), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val)
+    print(f"{run}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    return recorder.rows
+
+
+def write_csv(path: Path, results: dict[str, dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "train_ce", "val_ce"])
+        for run, rows in results.items():
+            for step in sorted(rows):
+                train_ce, val_ce = rows[step].get("train/ce_loss"), rows[step].get("val/loss")
+                if train_ce is None and val_ce is None:
+                    continue
+                fmt = lambda v: "" if v is None else f"{v:.5f}"  # noqa: E731
+                writer.writerow([run, step, fmt(train_ce), fmt(val_ce)])
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            entry = results.setdefault(row["run"], {}).setdefault(int(row["step"]), {})
+            if row["train_ce"]:
+                entry["train/ce_loss"] = float(row["train_ce"])
+            if row["val_ce"]:
+                entry["val/loss"] = float(row["val_ce"])
+    return results
+
+
+def _series(rows: dict, key: str) -> tuple[list[int], list[float]]:
+    steps = sorted(s for s in rows if key in rows[s])
+    return steps, [rows[s][key] for s in steps]
+
+
+def summary(results: dict[str, dict]) -> str:
+    """Each run's final losses and its relative gap to the bf16 run (``none``)."""
+    finals = {}
+    for run, rows in results.items():
+        _, train_ce = _series(rows, "train/ce_loss")
+        _, val_ce = _series(rows, "val/loss")
+        finals[run] = (sum(train_ce[-TAIL:]) / len(train_ce[-TAIL:]), val_ce[-1] if val_ce else float("nan"))
+    lines = [
+        f"| run | train CE (mean of last {TAIL} steps) | gap to bf16 | final val CE | gap to bf16 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    ref = finals.get("none")
+    for run, (tr, va) in finals.items():
+        gaps = (
+            ["—", "—"]
+            if ref is None or run == "none"
+            else [f"{100 * (a / b - 1):+.3f} %" for a, b in zip((tr, va), ref, strict=True)]
+        )
+        lines.append(f"| {'bf16' if run == 'none' else run} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, results: dict[str, dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ref_steps, ref = _series(results.get("none", {}), "train/ce_loss")
+    window = 25
+    smooth = lambda v: [
+        sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))
+    ]  # noqa: E501, E731
+    for run, rows in results.items():
+        label = "bf16" if run == "none" else f"fp8 {run}"
+        steps, ce = _series(rows, "train/ce_loss")
+        ax.plot(steps, smooth(ce), label=f"{label} train (mean of {window})", lw=1)
+        vsteps, vce = _series(rows, "val/loss")
+        ax.plot(vsteps, vce, "o--", ms=3, label=f"{label} validation")
+        if run != "none" and steps == ref_steps:
+            gap = [100 * (a / b - 1) for a, b in zip(smooth(ce), smooth(ref), strict=True)]
+            ax_gap.plot(steps, gap, label=label, lw=1)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title, ylim=(None, None))
+    ax_gap.axhline(0.25, color="k", ls=":", lw=1, label="report's 0.25 % bar")
+    ax_gap.axhline(-0.25, color="k", ls=":", lw=1)
+    ax_gap.set(xlabel="optimizer step", ylabel="train CE gap to bf16 (%)", title=f"relative gap (mean of {window})")
+    top = max([2.0] + [line.get_ydata().max() for line in ax_gap.get_lines()[:-2]])
+    ax_gap.set_ylim(-1, 1.1 * top)
+    ax.legend(fontsize=7)
+    ax_gap.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dump-batches", type=Path, help="tokenise the corpus, save the batches here, and stop")
+    p.add_argument("--batches", type=Path, help="train on batches saved by --dump-batches")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--runs", default="none,blockwise,tensorwise", help="none (bf16) and/or FP8 recipes")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON changes to CONVERGENCE_MODEL")
+    p.add_argument("--plot-csv", type=Path, help="only re-plot this CSV into --out")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.dump_batches is not None:
+        dump_batches(args.dump_batches, args.steps, args.batch_size, args.seq_len, args.val_batches)
+        return
+    if args.plot_csv is not None:
+        results = read_csv(args.plot_csv)
+    else:
+        data = torch.load(args.batches)
+        data["train"], data["val"] = data["train"][: args.steps], data["val"][: args.val_batches]
+        results = {}
+        for run in args.runs.split(","):
+            results[run] = train(run, data, args)
+            write_csv(args.out / "fp8_convergence.csv", results)  # after each run: a timeout keeps the finished
+    from models import DeepSeekV3Config
+
+    config = DeepSeekV3Config.from_preset("tiny", **{**CONVERGENCE_MODEL, **args.model_overrides, "vocab_size": 4096})
+    title = args.title or f"{config.num_params() / 1e9:.2f}B-param MoE on Shakespeare, same data and seed"
+    try:
+        plot(args.out / "fp8_convergence.png", results, title)
+    except ImportError:
+        print("matplotlib missing: no plot (re-plot later with --plot-csv)")
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()

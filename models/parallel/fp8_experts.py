@@ -1,0 +1,114 @@
+"""Routed experts with FP8 grouped GEMMs in the forward and both backward products.
+
+``Float8GroupedExperts`` replaces a ``GroupedExperts`` (same parameters, same names) and runs its SwiGLU as
+
+    a13 = x @ [w1; w3]^T,  h = silu(a1) * a3,  y = h @ w2^T                      (forward, 2 FP8 GEMMs)
+    dh = dy @ w2,  dw2 = dy^T h,  da13 = SwiGLU'(a13) dh,  dx = da13 @ [w1; w3],  dw13 = da13^T x   (backward, 4)
+
+with every GEMM operand quantised to FP8 (``models.parallel.fp8_quant``) and multiplied by
+``models.parallel.fp8_grouped_mm``. The quantisation is plain PyTorch, so inside a compiled block ``torch.compile``
+fuses it into the producers (the permutation, the SwiGLU and its gradient); the GEMMs are custom ops. The
+backward keeps FP8 copies of its GEMM operands (x^T, h^T and the transposed weights) instead of their bf16
+originals, as the report caches activations in FP8 (section 3.3.3); the SwiGLU inputs a13 stay in the compute dtype.
+
+Gradients use E5M2 under tensorwise scaling (torchao's tensorwise convention: one scale per tensor needs the
+range) and E4M3 under the fine-grained recipes (the report: E4M3 on all tensors).
+
+Shapes: N token copies (rows grouped by expert, each group padded to 128 rows), D model dim, F expert hidden dim,
+E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.moe import GroupedExperts, _local, compute_dtype
+from models.parallel.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_wgrad
+from models.parallel.fp8_quant import (
+    BLOCK,
+    E4M3,
+    E5M2,
+    quantize_act,
+    quantize_act_t,
+    quantize_weight,
+    quantize_weight_t,
+)
+
+
+class _Float8SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, offsets_E, granularity):  # noqa: ANN001, ANN205
+        dtype = x_ND.dtype
+        w13_E2FD = torch.cat((w1_EFD, w3_EFD), dim=1)
+        xq, sx = quantize_act(x_ND, granularity)
+        w13q, sw13 = quantize_weight(w13_E2FD, granularity)
+        a13_N2F = fp8_grouped_mm(xq, sx, w13q, sw13, offsets_E, granularity, dtype)
+        a1_NF, a3_NF = a13_N2F.chunk(2, dim=-1)
+        h_NF = F.silu(a1_NF) * a3_NF
+        hq, sh = quantize_act(h_NF, granularity)
+        w2q, sw2 = quantize_weight(w2_EDF, granularity)
+        y_ND = fp8_grouped_mm(hq, sh, w2q, sw2, offsets_E, granularity, dtype)
+        # FP8 copies for the backward: x^T and h^T for the weight gradients, w^T for the input gradients.
+        saved = (
+            *quantize_act_t(x_ND, granularity, offsets_E),
+            *quantize_act_t(h_NF, granularity, offsets_E),
+            *quantize_weight_t(w13_E2FD, granularity),
+            *quantize_weight_t(w2_EDF, granularity),
+        )
+        ctx.save_for_backward(a13_N2F, offsets_E, *saved)
+        ctx.granularity, ctx.weight_dtype = granularity, w1_EFD.dtype
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):  # noqa: ANN001, ANN205
+        a13_N2F, offsets_E, xq_t, sx_t, hq_t, sh_t, w13q_t, sw13_t, w2q_t, sw2_t = ctx.saved_tensors
+        g, dtype, wdtype = ctx.granularity, a13_N2F.dtype, ctx.weight_dtype
+        grad_fp8 = E5M2 if g == "tensorwise" else E4M3
+        dy_ND = dy_ND.to(dtype)
+        dyq, sdy = quantize_act(dy_ND, g, grad_fp8)
+        dh_NF = fp8_grouped_mm(dyq, sdy, w2q_t, sw2_t, offsets_E, g, dtype)
+        dw2_EDF = fp8_grouped_mm_wgrad(*quantize_act_t(dy_ND, g, offsets_E, grad_fp8), hq_t, sh_t, offsets_E, g, wdtype)
+        da13_N2F = _swiglu_backward(a13_N2F, dh_NF)
+        daq, sda = quantize_act(da13_N2F, g, grad_fp8)
+        dx_ND = fp8_grouped_mm(daq, sda, w13q_t, sw13_t, offsets_E, g, dtype)
+        dw13 = fp8_grouped_mm_wgrad(*quantize_act_t(da13_N2F, g, offsets_E, grad_fp8), xq_t, sx_t, offsets_E, g, wdtype)
+        dw1_EFD, dw3_EFD = dw13.chunk(2, dim=1)
+        return dx_ND, dw1_EFD, dw2_EDF, dw3_EFD, None, None
+
+
+def _swiglu_backward(a13_N2F: torch.Tensor, dh_NF: torch.Tensor) -> torch.Tensor:
+    """d(silu(a1) * a3) for dh, as (N, 2F) [da1, da3], computed in float32."""
+    a1, a3 = (a.float() for a in a13_N2F.chunk(2, dim=-1))
+    dh = dh_NF.float()
+    sig = torch.sigmoid(a1)
+    da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
+    da3 = dh * a1 * sig
+    return torch.cat((da1, da3), dim=-1).to(a13_N2F.dtype)
+
+
+class Float8GroupedExperts(GroupedExperts):
+    """``GroupedExperts`` whose grouped GEMMs run in FP8 (forward and backward); takes over the given parameters.
+
+    Args:
+        experts: The module to replace (meta or materialised); its ``w1``/``w2``/``w3`` are reused as they are.
+        granularity: ``tensorwise``, ``rowwise`` or ``blockwise`` (see ``models.parallel.fp8_quant``).
+    """
+
+    group_alignment = BLOCK  # MoE.routed starts every expert's rows at a multiple of this
+
+    def __init__(self, experts: GroupedExperts, granularity: str) -> None:
+        torch.nn.Module.__init__(self)
+        self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
+        self.granularity = granularity
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Same contract as ``GroupedExperts.forward``; groups must start at multiples of ``group_alignment``."""
+        # The weights are quantised from their own dtype (fp32 masters under autocast): no bf16 copy is made.
+        # Under expert parallelism they are DTensors: this rank's experts, as GroupedExperts.forward takes them.
+        x_ND = x_ND.to(compute_dtype(x_ND))
+        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        return _Float8SwiGLU.apply(x_ND, w1, w2, w3, offsets_E, self.granularity)
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity}"

@@ -1,0 +1,294 @@
+"""FP8 grouped GEMMs of the routed experts: Triton kernels on the GPU, a dequantise + float32 reference elsewhere.
+
+Two products, each a ``torch.library`` custom op (opaque to ``torch.compile``, which fuses the quantisation
+around them):
+
+- ``fp8_grouped_mm``: ``out[rows of e] = a[rows of e] @ b[e]^T``, a (M, K), b (E, N, K): the forward and the
+  input-gradient GEMMs. Expert e owns rows ``offsets[e-1]:offsets[e]``; every group starts at a multiple of 128
+  (``MoE.routed`` pads them), so a 128-row tile never straddles two experts and finds its expert in ``offsets``.
+  Rows past the last group are written as zeros.
+- ``fp8_grouped_mm_wgrad``: ``out[e] = a_t[:, rows of e] @ b_t[:, rows of e]^T``, a_t (N, M), b_t (K, M): the weight
+  gradients, a sum over each expert's rows (operands transposed so that both are contiguous along the sum, as
+  Hopper's FP8 tensor cores read them).
+
+Scales (float32 dequantisation multipliers, ``models.parallel.fp8_quant``) per granularity:
+
+| granularity | a | b | a_t | b_t |
+| --- | --- | --- | --- | --- |
+| tensorwise | (1,) | (E,) | (1,) | (1,) |
+| rowwise | (M,) | (E, N) | (E, N) | (E, K) |
+| blockwise | (M, K/128) | (E, N/128, K/128) | (N, M/128) | (K, M/128) |
+
+Tensorwise and rowwise scales are constant along the sum and multiply the float32 accumulator once, in the epilogue.
+Blockwise scales change every 128 elements of the sum: each 128-wide step's product is scaled before it is added to
+the float32 accumulator. Either way partial sums are promoted to full float32 every 128 elements of the sum, the
+report's remedy (section 3.3.2) for Hopper's FP8 tensor cores accumulating with about 14 bits: Triton's default on
+sm_90 (``max_num_imprecise_acc`` = 2**30) never promotes.
+
+Why our own kernels: torchao 0.18's FP8 grouped GEMMs are rowwise only at bf16's speed (its quantisation kernels
+eat the GEMM's gain), and its blockwise grouped GEMM runs 5-15x slower than bf16 on an H200.
+
+Shapes: M rows (token copies, grouped by expert), K the contraction, N output features, E experts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from models.parallel.fp8_quant import BLOCK, dequantize, expert_of_rows
+
+try:  # Triton exists where CUDA does; the reference below runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+_SCALING = {"tensorwise": 0, "rowwise": 1, "blockwise": 2}
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def grouped_mm_reference(
+    a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``fp8_grouped_mm`` as dequantise + float32 grouped matmul (the numeric reference, and the CPU path)."""
+    out = torch._grouped_mm(dequantize(a, sa), dequantize(b, sb).transpose(-2, -1), offs=offsets)
+    return _zero_rows_past_groups(out, offsets).to(out_dtype)
+
+
+def grouped_mm_wgrad_reference(
+    a_t: torch.Tensor,
+    sa: torch.Tensor,
+    b_t: torch.Tensor,
+    sb: torch.Tensor,
+    offsets: torch.Tensor,
+    granularity: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``fp8_grouped_mm_wgrad`` as dequantise + float32 grouped matmul."""
+    a, b = _dequantize_t(a_t, sa, offsets, granularity), _dequantize_t(b_t, sb, offsets, granularity)
+    out = torch._grouped_mm(a, b.t(), offs=offsets)
+    empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # torch may leave their outputs unwritten
+    return torch.where(empty[:, None, None], 0, out).to(out_dtype)
+
+
+def _dequantize_t(q_KM: torch.Tensor, s: torch.Tensor, offsets: torch.Tensor, granularity: str) -> torch.Tensor:
+    if granularity != "rowwise":
+        return dequantize(q_KM, s)
+    # Per expert and column: column m of q takes its expert's scales; columns past the groups hold zeros.
+    s_ME = torch.cat((s, s.new_ones(1, s.shape[1])))[expert_of_rows(offsets, q_KM.shape[1])]
+    return q_KM.float() * s_ME.t()
+
+
+def _zero_rows_past_groups(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm leaves them unwritten (uninitialised memory, possibly NaN: a where, not a product)
+    rows = torch.arange(out.shape[0], device=out.device)
+    return torch.where((rows < offsets[-1]).unsqueeze(1), out, 0)
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dsv3::fp8_grouped_mm", mutates_args=())
+def fp8_grouped_mm(
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    offsets: torch.Tensor,
+    granularity: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(M, K) x (E, N, K) -> (M, N) over row groups ending at ``offsets`` (see the module docstring)."""
+    if a.is_cuda and triton is not None:
+        return _launch_mm(a, sa, b, sb, offsets, granularity, out_dtype)
+    return grouped_mm_reference(a, sa, b, sb, offsets, out_dtype)
+
+
+@fp8_grouped_mm.register_fake
+def _(a, sa, b, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("dsv3::fp8_grouped_mm_wgrad", mutates_args=())
+def fp8_grouped_mm_wgrad(
+    a_t: torch.Tensor,
+    sa: torch.Tensor,
+    b_t: torch.Tensor,
+    sb: torch.Tensor,
+    offsets: torch.Tensor,
+    granularity: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(N, M) x (K, M) -> (E, N, K), each expert summing over its own rows (see the module docstring)."""
+    if a_t.is_cuda and triton is not None:
+        return _launch_wgrad(a_t, sa, b_t, sb, offsets, granularity, out_dtype)
+    return grouped_mm_wgrad_reference(a_t, sa, b_t, sb, offsets, granularity, out_dtype)
+
+
+@fp8_grouped_mm_wgrad.register_fake
+def _(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+    return a_t.new_empty(offsets.shape[0], a_t.shape[0], b_t.shape[0], dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+def _configs() -> list:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper FP8 tiles (two warpgroups on 128x256, one on 128x128);
+    # BLOCK_M divides 128, the groups' alignment; blockwise scales change every 128 along the sum, which must then be
+    # the kernel's step (BLOCK_K, and BLOCK_M of the weight-gradient kernel): 128 everywhere.
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small config, no autotuning
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4)]
+    shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_of_tile(offsets_ptr, row0, n_experts, E_POW2: tl.constexpr):
+        # Groups are 128-row aligned: the tile's expert is the number of groups ending at or before its first row.
+        offs_e = tl.arange(0, E_POW2)
+        ends = tl.load(offsets_ptr + offs_e, mask=offs_e < n_experts, other=2**31 - 1)
+        return tl.sum((ends <= row0).to(tl.int32), axis=0)
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "SCALING"])
+    @triton.jit
+    def _grouped_mm_kernel(
+        a_ptr,
+        sa_ptr,
+        b_ptr,
+        sb_ptr,
+        c_ptr,
+        offsets_ptr,
+        M,
+        N,
+        K,
+        n_experts,
+        SCALING: tl.constexpr,
+        E_POW2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_pid_n)  # GROUP_M row tiles share each weight tile in L2
+        first_m = group * GROUP_M
+        size_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        expert = _expert_of_tile(offsets_ptr, pid_m * BLOCK_M, n_experts, E_POW2)
+        if expert < n_experts:
+            a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+            b_ptrs = b_ptr + expert.to(tl.int64) * N * K + offs_n[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                k_mask = offs_k < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if SCALING == 2:  # 1x128 tiles of a, 128x128 blocks of b: scale each step's product
+                    n_kb = K // 128
+                    s_a = tl.load(sa_ptr + offs_m * n_kb + k)
+                    s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k, mask=n_mask)
+                    acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
+                else:  # promoted to the float32 accumulator every BLOCK_K (see the module docstring)
+                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            if SCALING == 0:
+                acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr + expert))
+            elif SCALING == 1:
+                s_a = tl.load(sa_ptr + offs_m)
+                s_b = tl.load(sb_ptr + expert * N + offs_n, mask=n_mask)
+                acc = acc * (s_a[:, None] * s_b[None, :])
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_mask[None, :])
+        else:  # rows past the last group
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "SCALING"])
+    @triton.jit
+    def _grouped_mm_wgrad_kernel(
+        at_ptr,
+        sa_ptr,
+        bt_ptr,
+        sb_ptr,
+        c_ptr,
+        offsets_ptr,
+        M,
+        N,
+        K,
+        SCALING: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # One program = one (BLOCK_N, BLOCK_K) tile of one expert's gradient, summed over that expert's rows.
+        pid, expert = tl.program_id(0), tl.program_id(1)
+        num_pid_k = tl.cdiv(K, BLOCK_K)
+        pid_n, pid_k = pid // num_pid_k, pid % num_pid_k
+        start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+        end = tl.load(offsets_ptr + expert)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_m = tl.arange(0, BLOCK_M)
+        n_mask, k_mask = offs_n < N, offs_k < K
+        a_ptrs = at_ptr + offs_n[:, None].to(tl.int64) * M + (start + offs_m)[None, :]  # (BLOCK_N, BLOCK_M)
+        b_ptrs = bt_ptr + offs_k[None, :].to(tl.int64) * M + (start + offs_m)[:, None]  # (BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        n_mb = M // 128
+        for m in range(start, end, BLOCK_M):
+            a = tl.load(a_ptrs, mask=n_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+            if SCALING == 2:  # 1x128 tiles along the rows for both operands
+                s_a = tl.load(sa_ptr + offs_n * n_mb + m // 128, mask=n_mask)
+                s_b = tl.load(sb_ptr + offs_k * n_mb + m // 128, mask=k_mask)
+                acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
+            else:
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_M)
+            a_ptrs += BLOCK_M
+            b_ptrs += BLOCK_M
+        if SCALING == 0:
+            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+        elif SCALING == 1:
+            s_a = tl.load(sa_ptr + expert * N + offs_n, mask=n_mask)
+            s_b = tl.load(sb_ptr + expert * K + offs_k, mask=k_mask)
+            acc = acc * (s_a[:, None] * s_b[None, :])
+        c_ptrs = c_ptr + expert.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+def _launch_mm(a, sa, b, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+    m, k = a.shape
+    n_experts, n, _ = b.shape
+    assert m % BLOCK == 0, "rows padded to a multiple of 128"
+    a, b = a.contiguous(), b.contiguous()  # no-ops for what fp8_quant returns
+    out = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _grouped_mm_kernel[grid](
+        a, sa.contiguous(), b, sb.contiguous(), out, offsets, m, n, k, n_experts,
+        SCALING=_SCALING[granularity], E_POW2=max(16, triton.next_power_of_2(n_experts)),
+    )  # fmt: skip
+    return out
+
+
+def _launch_wgrad(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+    n, m = a_t.shape
+    k = b_t.shape[0]
+    assert m % BLOCK == 0, "rows padded to a multiple of 128"
+    a_t, b_t = a_t.contiguous(), b_t.contiguous()
+    n_experts = offsets.shape[0]
+    out = torch.empty(n_experts, n, k, device=a_t.device, dtype=out_dtype)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), n_experts)  # noqa: E731
+    _grouped_mm_wgrad_kernel[grid](
+        a_t, sa.contiguous(), b_t, sb.contiguous(), out, offsets, m, n, k, SCALING=_SCALING[granularity]
+    )
+    return out

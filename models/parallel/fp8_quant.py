@@ -1,0 +1,124 @@
+"""FP8 quantisation in plain PyTorch: the scales of every recipe, and the emulated (quantise-dequantise) reference.
+
+A quantised tensor is a pair ``(q, s)``: ``q`` in float8 and ``s`` the float32 dequantisation multiplier of each
+block, ``x ~= q * s``, with ``s = amax(|block|) / fp8_max`` (dynamic scaling: no history). The same functions
+quantise on the CPU and on the GPU, where ``torch.compile`` fuses them into the producing kernels; the GPU grouped
+GEMMs (``fp8_grouped_mm``) only multiply what these produce, and are tested against ``dequantize`` + a float32
+matmul.
+
+Granularities (``block``: the block size along each dimension; a dimension's full size = one block along it):
+
+- ``tensorwise``: one scale per tensor (per expert for stacked expert weights).
+- ``rowwise``: one scale per row along the contraction dimension (per output row of a weight).
+- ``blockwise``, DeepSeek-V3 report section 3.3.2: 1x128 tiles for activations and activation gradients, 128x128
+  blocks for weights. The weight gradient's operands are tiled 1x128 along the tokens it sums over (the report:
+  128x128 blocks for activation gradients diverged).
+
+Shapes: M rows (tokens), K the contraction dimension, N output features, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+BLOCK = 128  # the report's tile width
+GRANULARITIES = ("tensorwise", "rowwise", "blockwise")
+_EPS = 1e-12  # an all-zero block gets a tiny scale and quantises to zeros
+
+
+def quantize(x: torch.Tensor, block: tuple[int, ...], dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` with one scale per block.
+
+    Args:
+        x: Any floating tensor; each dimension must be a multiple of its block size.
+        block: Block size along each dimension of ``x``.
+        dtype: ``float8_e4m3fn`` or ``float8_e5m2``.
+
+    Returns:
+        ``q`` (x's shape, ``dtype``) and ``s`` (float32, shape ``x.shape[i] // block[i]``).
+    """
+    if any(n % b for n, b in zip(x.shape, block, strict=True)):
+        raise ValueError(f"shape {tuple(x.shape)} is not a multiple of the block {block}")
+    fp8_max = torch.finfo(dtype).max
+    blocked = x.reshape([d for n, b in zip(x.shape, block, strict=True) for d in (n // b, b)])
+    inner = tuple(range(1, blocked.ndim, 2))
+    inv_s = fp8_max / blocked.abs().amax(dim=inner, keepdim=True).float().clamp(min=_EPS)  # as torchao's kernels
+    q = (blocked.float() * inv_s).clamp(-fp8_max, fp8_max).to(dtype)
+    # Contiguous even for a transposed x (elementwise ops would keep its strides): the GEMMs read q row by row.
+    q = q.reshape(x.shape).contiguous()
+    return q, inv_s.reciprocal().reshape([n // b for n, b in zip(x.shape, block, strict=True)])
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float32 ``q * s``: each scale spread over its block.
+
+    ``s`` has q's dimensions (block counts ``q.shape[i] // block[i]``), or fewer, trailing dimensions of one block
+    left out: the scales ``quantize_act``/``quantize_weight`` return.
+    """
+    s = s.reshape(s.shape + (1,) * (q.ndim - s.ndim))
+    for dim in range(q.ndim):
+        if s.shape[dim] != q.shape[dim]:
+            s = s.repeat_interleave(q.shape[dim] // s.shape[dim], dim=dim)
+    return q.float() * s
+
+
+def quantize_act(x_MK: torch.Tensor, granularity: str, dtype: torch.dtype = E4M3):
+    """(M, K) activation for a GEMM over K: ``(q_MK, s)``, s of shape (1,), (M,) or (M, K/128)."""
+    m, k = x_MK.shape
+    block = {"tensorwise": (m, k), "rowwise": (1, k), "blockwise": (1, BLOCK)}[granularity]
+    q, s = quantize(x_MK, block, dtype)
+    return q, s.reshape(1) if granularity == "tensorwise" else _drop_unit_blocks(s, granularity)
+
+
+def quantize_weight(w_ENK: torch.Tensor, granularity: str, dtype: torch.dtype = E4M3):
+    """Stacked (E, N, K) weights for a GEMM over K: ``(q_ENK, s)``, s of shape (E,), (E, N) or (E, N/128, K/128)."""
+    _, n, k = w_ENK.shape
+    block = {"tensorwise": (1, n, k), "rowwise": (1, 1, k), "blockwise": (1, BLOCK, BLOCK)}[granularity]
+    q, s = quantize(w_ENK, block, dtype)
+    return q, s.reshape(-1) if granularity == "tensorwise" else _drop_unit_blocks(s, granularity)
+
+
+def _drop_unit_blocks(s: torch.Tensor, granularity: str) -> torch.Tensor:
+    # rowwise: the contraction dimension is one block: (M, 1) -> (M,), (E, N, 1) -> (E, N).
+    return s.squeeze(-1) if granularity == "rowwise" else s
+
+
+def expert_of_rows(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows,) int64 expert of each row given cumulative group ends; E for rows past the last group."""
+    rows = torch.arange(n_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, rows, right=True)
+
+
+def quantize_act_t(x_MK: torch.Tensor, granularity: str, offsets_E: torch.Tensor, dtype: torch.dtype = E4M3):
+    """x^T as the operand of a weight gradient, which sums over the M rows of each expert's group.
+
+    Returns ``(q_KM, s)``, q contiguous in M, with scales constant along M inside a group: s of shape (1,) for
+    tensorwise, (E, K) for rowwise (per expert and column) and (K, M/128) for blockwise (1x128 tiles along M).
+    Groups start at multiples of 128 rows (``MoE.routed`` pads them).
+    """
+    m, k = x_MK.shape
+    if granularity == "tensorwise":
+        q, s = quantize_act(x_MK, granularity, dtype)
+        return q.t().contiguous(), s
+    if granularity == "blockwise":
+        q, s = quantize(x_MK.t(), (1, BLOCK), dtype)
+        return q.contiguous(), s
+    # rowwise: amax per 128-row tile, then per expert over its tiles (groups are whole tiles).
+    n_experts = offsets_E.numel()
+    tile_amax = x_MK.reshape(m // BLOCK, BLOCK, k).abs().amax(dim=1).float()  # (M/128, K)
+    tile_expert = expert_of_rows(offsets_E, m)[::BLOCK]
+    amax_EK = tile_amax.new_zeros(n_experts + 1, k).scatter_reduce_(
+        0, tile_expert[:, None].expand(-1, k), tile_amax, "amax"
+    )[:n_experts]
+    fp8_max = torch.finfo(dtype).max
+    inv_s_EK = fp8_max / amax_EK.clamp(min=_EPS)
+    inv_s_MK = torch.cat((inv_s_EK, inv_s_EK.new_ones(1, k)))[expert_of_rows(offsets_E, m)]  # rows past the groups: 1
+    q = (x_MK.float() * inv_s_MK).clamp(-fp8_max, fp8_max).to(dtype)
+    return q.t().contiguous(), inv_s_EK.reciprocal()
+
+
+def quantize_weight_t(w_ENK: torch.Tensor, granularity: str, dtype: torch.dtype = E4M3):
+    """w^T (E, K, N) for the GEMM that contracts over N (the input gradient): ``(q_EKN, s)``."""
+    return quantize_weight(w_ENK.transpose(1, 2), granularity, dtype)

@@ -1,0 +1,587 @@
+"""FP8 training: the conversion and its exclusions, the quantisation reference, the FP8 expert path (padding,
+forward and backward against a per-expert float64 reference), CPU training with every recipe, and the Triton
+kernels (in Triton's CPU interpreter when it is installed; natively in the gpu tests) against the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import DeepSeekV3, DeepSeekV3Config
+from models.attention import RMSNorm
+from models.moe import Gate, GroupedExperts, MoE, padded_rows
+from models.parallel.fp8 import BlockwiseLinear, FP8Config, check_device, convert_to_fp8
+from models.parallel.fp8_experts import Float8GroupedExperts
+from models.parallel.fp8_grouped_mm import grouped_mm_reference, grouped_mm_wgrad_reference
+from models.parallel.fp8_quant import (
+    BLOCK,
+    E4M3,
+    E5M2,
+    GRANULARITIES,
+    dequantize,
+    quantize,
+    quantize_act,
+    quantize_act_t,
+    quantize_weight,
+    quantize_weight_t,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fp8_config() -> DeepSeekV3Config:
+    """Widths that are multiples of 128, so every recipe converts every linear but blockwise's wkv_a (C + R = 192)."""
+    return DeepSeekV3Config.from_preset(
+        "tiny",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
+        v_head_dim=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        max_position_embeddings=256,
+    )
+
+
+def _quiet_convert(model: nn.Module, config: FP8Config) -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_to_fp8(model, config, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+@pytest.mark.parametrize("recipe", GRANULARITIES)
+def test_conversion_lists_converted_modules_and_leaves_the_report_exclusions_untouched(fp8_config, recipe):
+    with torch.device("meta"):
+        model = DeepSeekV3(fp8_config)
+    keys = list(model.state_dict())
+    kept = {name: module for name, module in model.named_modules() if isinstance(module, nn.Embedding | RMSNorm | Gate)}
+    kept["head"] = model.head
+    params = {name: p for name, p in model.named_parameters()}
+    converted = _quiet_convert(model, FP8Config(recipe, experts=True))
+    linears = [n for n, m in DeepSeekV3(fp8_config).named_modules() if type(m) is nn.Linear and n != "head"]
+    # wkv_a's out = 192 is a multiple of 16, not of 128
+    unfit = [n for n in linears if n.endswith("wkv_a")] if recipe == "blockwise" else []
+    experts = [n for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
+    assert converted == sorted(set(linears) - set(unfit) | set(experts))
+    dense_cls = {"blockwise": BlockwiseLinear}.get(recipe)
+    for name in converted:
+        module = model.get_submodule(name)
+        if name in experts:
+            assert type(module) is Float8GroupedExperts and module.granularity == recipe
+        else:
+            assert type(module) is not nn.Linear and isinstance(module, nn.Linear)
+            assert dense_cls is None or type(module) is dense_cls
+    for name in unfit:
+        assert type(model.get_submodule(name)) is nn.Linear
+    for name, module in kept.items():  # embedding, head, gate, norms: the very same modules
+        assert model.get_submodule(name) is module and type(module) in (nn.Embedding, nn.Linear, RMSNorm, Gate)
+    assert list(model.state_dict()) == keys  # checkpoints load into either precision
+    assert all(p is params[n] for n, p in model.named_parameters())  # parameters reused, nothing allocated
+
+
+def test_module_filter_and_experts_switch(fp8_config):
+    assert FP8Config("tensorwise").experts is False  # the routed experts stay bf16 unless asked (docs/fp8.md: speed)
+    with torch.device("meta"):
+        model = DeepSeekV3(fp8_config)
+    converted = _quiet_convert(model, FP8Config("tensorwise", exclude=["layers.0.*", "*.wo"]))
+    assert converted and not any(n.startswith("layers.0.") or n.endswith(".wo") for n in converted)
+    assert not any(isinstance(m, Float8GroupedExperts) for m in model.modules())
+    assert type(model.layers[0].attn.wq_a) is nn.Linear and type(model.layers[1].attn.wq_a) is not nn.Linear
+
+
+def test_shapes_a_recipe_cannot_take_are_kept_with_one_warning_naming_them(tiny_config):
+    with torch.device("meta"):
+        model = DeepSeekV3(tiny_config)  # dims 64, 32, 16: blockwise takes none
+    with pytest.warns(UserWarning) as record:
+        converted = convert_to_fp8(model, FP8Config("blockwise", experts=True), device="cpu")
+    assert converted == []
+    messages = [str(w.message) for w in record]
+    assert sum("emulated" in m for m in messages) == 1  # the CPU says so once
+    (shapes,) = [m for m in messages if "not a multiple of 128" in m]
+    assert "layers.0.attn.wq_a" in shapes and "layers.1.ffn.experts" in shapes and "head" not in shapes
+
+
+def test_bad_recipe_and_gpu_without_fp8_fail_with_one_line_naming_model_fp8(monkeypatch):
+    with pytest.raises(ValueError, match=r"model\.fp8\.recipe must be one of"):
+        FP8Config("fp4")
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\] in model\.fp8"):
+        FP8Config.parse({"recipe": "rowwise", "bogus": 1})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"^model\.fp8=tensorwise needs a GPU of compute capability >= 8\.9") as err:
+        check_device("tensorwise", torch.device("cuda"))
+    assert "\n" not in str(err.value) and "unset model.fp8" in str(err.value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    with pytest.raises(ValueError, match=r"model\.fp8=blockwise needs .* >= 9\.0 .* or use tensorwise"):
+        check_device("blockwise", torch.device("cuda"))
+    assert check_device("tensorwise", torch.device("cuda")) is True
+
+
+def test_lit_module_takes_fp8_as_a_name_or_a_mapping():
+    from lightning_modules import DeepSeekV3LitModule
+
+    module = DeepSeekV3LitModule(preset="tiny", fp8="rowwise")
+    assert module.fp8 == FP8Config("rowwise") and module.hparams["fp8"]["recipe"] == "rowwise"
+    module = DeepSeekV3LitModule(preset="tiny", fp8={"recipe": "blockwise", "experts": False})
+    assert module.fp8 == FP8Config("blockwise", experts=False)
+    assert DeepSeekV3LitModule(preset="tiny").fp8 is None
+
+
+# ----------------------------------------------------------------------------------------------- quantisation
+def _naive_block_quantize(x: torch.Tensor, rows: int, cols: int, dtype=E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block by block with Python loops: the definition ``quantize`` must match."""
+    fp8_max = torch.finfo(dtype).max
+    q = torch.empty_like(x, dtype=dtype)
+    s = torch.empty(x.shape[0] // rows, x.shape[1] // cols)
+    for i, j in itertools.product(range(s.shape[0]), range(s.shape[1])):
+        block = x[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols].float()
+        inv = fp8_max / block.abs().max().clamp(min=1e-12)
+        q[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = (block * inv).clamp(-fp8_max, fp8_max).to(dtype)
+        s[i, j] = 1 / inv
+    return q, s
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 128), (128, 128), (128, 1), (1, 256), (256, 256)])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_quantize_matches_block_by_block_definition(rows, cols, dtype):
+    x = torch.randn(256, 256) * torch.logspace(-3, 3, 256)[:, None]  # rows of very different magnitudes
+    q, s = quantize(x, (rows, cols), dtype)
+    q_ref, s_ref = _naive_block_quantize(x, rows, cols, dtype)
+    torch.testing.assert_close(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # Dequantised: within half an FP8 ulp of every element, relative to its block's scale.
+    rel_ulp = 2.0 ** -(3 if dtype is E4M3 else 2)
+    err = (dequantize(q, s) - x).abs()
+    bound = torch.maximum(x.abs() * rel_ulp / 2, dequantize(torch.ones_like(q), s) * 2.0**-9)
+    assert (err <= bound * 1.0001).all()
+
+
+def test_scales_of_each_granularity_have_the_documented_shapes():
+    x, w = torch.randn(256, 384), torch.randn(4, 256, 384)
+    offsets = torch.tensor([128, 128, 256, 256], dtype=torch.int32)
+    shapes = {
+        "tensorwise": [(1,), (4,), (1,), (4,)],
+        "rowwise": [(256,), (4, 256), (4, 384), (4, 384)],
+        "blockwise": [(256, 3), (4, 2, 3), (384, 2), (4, 3, 2)],
+    }
+    for g, expected in shapes.items():
+        got = [quantize_act(x, g)[1], quantize_weight(w, g)[1], quantize_act_t(x, g, offsets)[1]]
+        got.append(quantize_weight_t(w, g)[1])
+        assert [tuple(s.shape) for s in got] == expected, g
+
+
+def test_rowwise_weight_gradient_operand_has_one_scale_per_expert_and_column():
+    x = torch.randn(384, 32)
+    x[256:] *= 100  # the third group's rows are much larger: its scales must not leak into the others
+    offsets = torch.tensor([128, 256, 384], dtype=torch.int32)
+    q_t, s = quantize_act_t(x, "rowwise", offsets)
+    for e, (lo, hi) in enumerate([(0, 128), (128, 256), (256, 384)]):
+        torch.testing.assert_close(s[e], x[lo:hi].abs().amax(dim=0) / 448)
+        torch.testing.assert_close(q_t[:, lo:hi].float() * s[e][:, None], x[lo:hi].t(), rtol=0.07, atol=0)
+
+
+def test_quantised_transposes_are_contiguous_for_the_kernels():
+    w, x = torch.randn(2, 256, 128), torch.randn(256, 128)
+    offsets = torch.tensor([128, 256], dtype=torch.int32)
+    for g in GRANULARITIES:
+        assert quantize_weight_t(w, g)[0].is_contiguous() and quantize_act_t(x, g, offsets)[0].is_contiguous()
+
+
+def test_blockwise_linear_matches_its_definition_in_float64():
+    """The report's recipe written out: 1x128 x and dy, 128x128 w, 1x128 dy^T and x^T along the tokens."""
+    torch.manual_seed(0)
+    linear = BlockwiseLinear.from_float(nn.Linear(256, 384, bias=False))
+    x = torch.randn(2, 100, 256, requires_grad=True)  # 200 rows: padded to 256 inside
+    dy = torch.randn(2, 100, 384)
+    linear(x).backward(dy)
+    deq = lambda t, block: dequantize(*quantize(t, block)).double()  # noqa: E731
+    pad = lambda t: F.pad(t, (0, 0, 0, 56))  # noqa: E731
+    x2, dy2, w = pad(x.detach().reshape(200, 256)), pad(dy.reshape(200, 384)), linear.weight.detach()
+    y_ref = deq(x2, (1, 128)) @ deq(w, (128, 128)).t()
+    dx_ref = deq(dy2, (1, 128)) @ deq(w, (128, 128))
+    dw_ref = deq(dy2.t(), (1, 128)) @ deq(x2.t(), (1, 128)).t()
+    torch.testing.assert_close(linear(x).reshape(200, 384).double(), y_ref[:200], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.reshape(200, 256).double(), dx_ref[:200], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.weight.grad.double(), dw_ref, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- padded groups
+def test_padded_rows_start_every_group_at_a_multiple_and_keep_rows_distinct():
+    counts = torch.tensor([5, 0, 130, 1, 128])
+    experts_sorted = torch.repeat_interleave(torch.arange(5), counts)
+    rows, ends, n_rows = padded_rows(counts, experts_sorted, 128)
+    assert ends.tolist() == [128, 128, 384, 512, 640] and ends.dtype == torch.int32
+    assert n_rows == 1024 and n_rows >= ends[-1]  # static bound: 264 + 5 * 127 rounded up to 128
+    assert rows.unique().numel() == rows.numel()
+    starts = torch.cat((torch.zeros(1, dtype=torch.int32), ends[:-1]))
+    for e in range(5):
+        got = rows[experts_sorted == e]
+        assert got.tolist() == list(range(starts[e], starts[e] + counts[e]))
+
+
+def _moe(config: DeepSeekV3Config, granularity: str | None) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(config).train()
+    moe.reset_parameters(std=0.05)
+    if granularity is not None:
+        moe.experts = Float8GroupedExperts(moe.experts, granularity)
+    return moe
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_experts_padding_changes_nothing_but_precision(fp8_config, granularity, one_thread):
+    """Same routing, same weights: the padded FP8 path stays within FP8 error of the bf16 path's math."""
+    ref, moe = _moe(fp8_config, None), _moe(fp8_config, granularity)
+    x = torch.randn(2, 96, fp8_config.hidden_size, requires_grad=True)
+    outs, grads = [], []
+    for m in (ref, moe):
+        y, _ = m(x)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outs.append(y)
+        grads.append([x.grad.clone()] + [p.grad for p in (m.experts.w1, m.experts.w2, m.experts.w3)])
+        x.grad = None
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(outs[1], outs[0]) < 0.08  # two E4M3 GEMMs in a row: ~5 %
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert rel(got, want) < 0.15  # E5M2 gradients under tensorwise: ~10 %
+    assert moe.tokens_per_expert.sum() == 2 * 96 * fp8_config.num_experts_per_tok
+
+
+def _reference_experts(x, w1, w2, w3, offsets, g):  # noqa: ANN001, ANN202
+    """The FP8 experts' forward and gradients with a Python loop over experts in float64 (quantised as the path)."""
+    grad_fp8 = E5M2 if g == "tensorwise" else E4M3
+    deq = lambda q_s: dequantize(*q_s).double()  # noqa: E731
+    w13 = torch.cat((w1, w3), dim=1)
+    x_, w13_, w2_ = deq(quantize_act(x, g)), deq(quantize_weight(w13, g)), deq(quantize_weight(w2, g))
+    w13_t, w2_t = deq(quantize_weight_t(w13, g)), deq(quantize_weight_t(w2, g))
+    starts = [0, *offsets[:-1].tolist()]
+    groups = list(zip(starts, offsets.tolist(), strict=True))
+    a13 = torch.zeros(x.shape[0], w13.shape[1], dtype=torch.float64)
+    for e, (lo, hi) in enumerate(groups):
+        a13[lo:hi] = x_[lo:hi] @ w13_[e].t()
+    a13 = a13.float()  # the path rounds GEMM outputs to the compute dtype (float32 here)
+    a1, a3 = a13.chunk(2, dim=-1)
+    h = F.silu(a1) * a3
+    h_ = deq(quantize_act(h, g))
+    y = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for e, (lo, hi) in enumerate(groups):
+        y[lo:hi] = h_[lo:hi] @ w2_[e].t()
+    dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).float()  # the upstream gradient used below
+    dy_ = deq(quantize_act(dy, g, grad_fp8))
+    dyt_, ht_, xt_ = (_deq_t(t, g, offsets, grad_fp8 if t is dy else E4M3) for t in (dy, h, x))
+    dh = torch.zeros_like(h, dtype=torch.float64)
+    dw2 = torch.zeros_like(w2, dtype=torch.float64)
+    for e, (lo, hi) in enumerate(groups):
+        dh[lo:hi] = dy_[lo:hi] @ w2_t[e].t()
+        dw2[e] = dyt_[:, lo:hi] @ ht_[:, lo:hi].t()
+    sig = torch.sigmoid(a1)
+    dh = dh.float()
+    da13 = torch.cat((dh * a3 * sig * (1 + a1 * (1 - sig)), dh * a1 * sig), dim=-1)
+    da_, dat_ = deq(quantize_act(da13, g, grad_fp8)), _deq_t(da13, g, offsets, grad_fp8)
+    dx = torch.zeros_like(x, dtype=torch.float64)
+    dw13 = torch.zeros_like(w13, dtype=torch.float64)
+    for e, (lo, hi) in enumerate(groups):
+        dx[lo:hi] = da_[lo:hi] @ w13_t[e].t()
+        dw13[e] = dat_[:, lo:hi] @ xt_[:, lo:hi].t()
+    dw1, dw3 = dw13.chunk(2, dim=1)
+    return y, dy, dx, dw1, dw2, dw3
+
+
+def _deq_t(t: torch.Tensor, g: str, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q_t, s = quantize_act_t(t, g, offsets, dtype)
+    if g != "rowwise":
+        return dequantize(q_t, s).double()
+    expert = torch.searchsorted(offsets, torch.arange(t.shape[0], dtype=offsets.dtype), right=True)
+    s_col = torch.cat((s, torch.ones(1, s.shape[1])))[expert].t()
+    return (q_t.float() * s_col).double()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_experts_forward_and_backward_match_per_expert_reference(granularity):
+    e, d, f = 3, 256, 128
+    offsets = torch.tensor([128, 128, 384], dtype=torch.int32)  # an empty expert, then two tiles
+    x = torch.randn(512, d)
+    x[offsets[-1] :] = 0  # rows past the groups are padding, zero as MoE.routed makes them
+    x[100:128] = 0  # and so are the tail rows of a padded group
+    w1, w2, w3 = (torch.randn(*shape) * 0.05 for shape in ((e, f, d), (e, d, f), (e, f, d)))
+    for t in (x, w1, w2, w3):
+        t.requires_grad_(True)
+    experts = GroupedExperts(e, d, f)
+    experts.w1, experts.w2, experts.w3 = (nn.Parameter(t) for t in (w1, w2, w3))
+    fp8 = Float8GroupedExperts(experts, granularity)
+    y = fp8(x, offsets)
+    y_ref, dy, dx_ref, dw1_ref, dw2_ref, dw3_ref = _reference_experts(
+        x.detach(), w1.detach(), w2.detach(), w3.detach(), offsets, granularity
+    )
+    y.backward(dy)
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-4, atol=1e-5)
+    # Gradients: the reference rounds its float64 intermediates (dh, da13) differently, so a few of their elements
+    # land on the other side of an FP8 rounding boundary (~0.1 %); a wrong scale or layout errs by > 5 %.
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(x.grad, dx_ref) < 5e-3
+    for p, ref in zip((fp8.w1, fp8.w2, fp8.w3), (dw1_ref, dw2_ref, dw3_ref), strict=True):
+        assert rel(p.grad, ref) < 5e-3
+    assert fp8.w2.grad[1].abs().max() == 0  # the empty expert gets a zero gradient
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _train(config: DeepSeekV3Config, fp8: FP8Config | None, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    if fp8 is not None:
+        _quiet_convert(model, fp8)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 64, (4, 129), generator=gen)  # a small vocabulary in use: learnable in a few steps
+    losses = []
+    for _ in range(steps):
+        out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.ce_loss.item())
+    return losses
+
+
+def test_tiny_model_trains_with_every_recipe_within_a_few_percent_of_fp32(fp8_config, one_thread):
+    ref = _train(fp8_config, None, steps=6)
+    assert ref[-1] < 0.9 * ref[0]
+    for recipe in GRANULARITIES:
+        losses = _train(fp8_config, FP8Config(recipe, experts=True), steps=6)
+        assert abs(losses[-1] - ref[-1]) / ref[-1] < 0.03, (recipe, losses, ref)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _grouped_operands(granularity: str, device: str, n: int = 336, k: int = 272):
+    """Three experts (one empty), padded groups, and N, K not multiples of the kernels' tiles (tensorwise/rowwise)."""
+    if granularity == "blockwise":
+        n, k = 384, 256
+    counts = torch.tensor([100, 0, 300])
+    rows, offsets, n_rows = padded_rows(counts, torch.repeat_interleave(torch.arange(3), counts), BLOCK)
+    x = torch.zeros(n_rows, k)
+    x[rows] = torch.randn(int(counts.sum()), k)
+    dy = torch.zeros(n_rows, n)
+    dy[rows] = torch.randn(int(counts.sum()), n)
+    w = torch.randn(3, n, k) * 0.1
+    grad_fp8 = E5M2 if granularity == "tensorwise" else E4M3
+    mm = (*quantize_act(x, granularity), *quantize_weight(w, granularity))
+    wgrad = (*quantize_act_t(dy, granularity, offsets, grad_fp8), *quantize_act_t(x, granularity, offsets))
+    to = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return to(mm), to(wgrad), offsets.to(device)
+
+
+def _check_kernels(granularity: str, device: str) -> None:
+    """Kernels against the dequantised float32 reference: exact in the interpreter; on a GPU within what FP8 tensor
+    cores' ~14-bit accumulation inside each promoted 128-wide step allows (relative norm error ~1e-4)."""
+    from models.parallel import fp8_grouped_mm as G
+
+    mm, wgrad, offsets = _grouped_operands(granularity, device)
+    outs = [G._launch_mm(*mm, offsets, granularity, torch.float32)]
+    refs = [grouped_mm_reference(*[t.cpu() for t in mm], offsets.cpu(), torch.float32)]
+    outs.append(G._launch_wgrad(*wgrad, offsets, granularity, torch.float32))
+    refs.append(grouped_mm_wgrad_reference(*[t.cpu() for t in wgrad], offsets.cpu(), granularity, torch.float32))
+    for out, ref in zip(outs, refs, strict=True):
+        if device == "cpu":
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.isfinite(out).all() and ((out.cpu() - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (CPU interpreter)")
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_triton_kernels_match_reference_in_the_interpreter(granularity):
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from tests.models.test_fp8 import _check_kernels; "
+        f"_check_kernels({granularity!r}, 'cpu')"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_triton_kernels_match_reference_on_gpu(granularity):
+    _check_kernels(granularity, "cuda")
+
+
+@pytest.mark.gpu
+def test_tensorwise_and_rowwise_kernels_match_torch_scaled_mm_on_gpu():
+    """The vendor kernels torchao uses (cuBLAS / CUTLASS) on the same FP8 operands."""
+    from models.parallel import fp8_grouped_mm as G
+
+    for g in ("tensorwise", "rowwise"):
+        (xq, sx, wq, sw), _, offsets = _grouped_operands(g, "cuda", n=384, k=256)
+        ours = G._launch_mm(xq, sx, wq, sw, offsets, g, torch.bfloat16)
+        starts = [0, *offsets[:-1].tolist()]
+        for e, (lo, hi) in enumerate(zip(starts, offsets.tolist(), strict=True)):
+            if hi == lo:
+                continue
+            scale_a = sx if g == "tensorwise" else sx[lo:hi, None].contiguous()
+            scale_b = sw[e].reshape(1) if g == "tensorwise" else sw[e][None, :].contiguous()
+            ref = torch._scaled_mm(xq[lo:hi], wq[e].t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+            assert ((ours[lo:hi].float() - ref.float()).norm() / ref.float().norm()) < 1e-2, (g, e)
+
+
+@pytest.mark.gpu
+def test_blockwise_linear_matches_torchaos_on_gpu():
+    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear as TorchaoBlockwiseLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
+    ours, theirs = BlockwiseLinear.from_float(linear), TorchaoBlockwiseLinear.from_float(linear)
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(1024, 384, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for module in (ours, theirs):
+        y = module(x)
+        y.backward(dy)
+        results.append((y.float(), x.grad.float(), linear.weight.grad.float()))
+        x.grad = linear.weight.grad = None
+    for got, want in zip(*results, strict=True):
+        assert ((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("granularity", "ac"), [(g, "none") for g in GRANULARITIES] + [("tensorwise", "selective"), ("blockwise", "full")]
+)
+def test_compiled_fp8_experts_match_eager_on_gpu(fp8_config, granularity, ac):
+    from models.parallel.compile import _checkpointed
+
+    moe = _moe(fp8_config, granularity).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 256, fp8_config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for compiled in (False, True):
+        forward = moe.forward if ac == "none" else _checkpointed(moe.forward, selective=ac == "selective")
+        fn = torch.compile(forward) if compiled else forward
+        y, _ = fn(x)
+        y.float().square().sum().backward()
+        results.append((y.float(), x.grad.float(), moe.experts.w1.grad.float()))
+        x.grad = moe.experts.w1.grad = None
+    for got, want in zip(*results, strict=True):
+        assert ((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", GRANULARITIES)
+def test_model_trains_natively_with_every_recipe_on_gpu(fp8_config, recipe):
+    """torchao's dense FP8 linears + our FP8 experts in a compiled bf16 model: the loss follows bf16's."""
+    from models.parallel.compile import compile_blocks
+    from models.parallel.mixed_precision import MasterWeightAdamW
+
+    def train(fp8: FP8Config | None) -> list[float]:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = DeepSeekV3(fp8_config)
+        if fp8 is not None:
+            assert convert_to_fp8(model, fp8, device="cuda")
+        model.to_empty(device="cuda")
+        model.init_weights(buffer_device=torch.device("cuda"))
+        opt = MasterWeightAdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        compile_blocks(model)
+        batch = torch.randint(0, 64, (8, 257), generator=torch.Generator().manual_seed(1)).cuda()
+        losses = []
+        for _ in range(8):
+            out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(out.ce_loss.item())
+        return losses
+
+    if "bf16" not in _BF16_LOSSES:  # one bf16 reference for the three recipes
+        _BF16_LOSSES["bf16"] = train(None)
+    ref, got = _BF16_LOSSES["bf16"], train(FP8Config(recipe, experts=True))
+    assert ref[-1] < 0.9 * ref[0]
+    assert abs(got[-1] - ref[-1]) / ref[-1] < 0.03, (got, ref)
+
+
+_BF16_LOSSES: dict[str, list[float]] = {}
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2 + EP
+def _fp8_parallel_worker(rank: int, rdzv: str, config, ref: dict) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from models.parallel.mesh import ParallelDims, submesh
+    from models.parallel.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=2)
+    try:
+        mesh = ParallelDims(dp_shard=2, ep=2).resolve(2).build_mesh("cpu")
+        with torch.device("meta"):
+            model = DeepSeekV3(config)
+        _quiet_convert(model, FP8Config("blockwise", experts=True))  # fp8 -> EP -> FSDP2, on the meta model
+        parallelize(model, mesh, param_dtype=torch.float32)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        set_model_state_dict(model, dict(ref["state"]), options=StateDictOptions(full_state_dict=True))
+        dp = submesh(mesh, "dp")
+        batch = ref["batch"].chunk(2)[dp.get_local_rank()]
+        out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        out.ce_loss.backward()
+        loss = out.ce_loss.detach()
+        dist.all_reduce(loss, group=dp.get_group())
+        torch.testing.assert_close(loss / 2, ref["loss"], rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            err = ((grad - ref["grads"][name]).norm() / ref["grads"][name].norm()).item()
+            # The forward, the input gradients and the dense weight gradients quantise per row or per 128-token
+            # tile that both layouts share: fp32 rounding apart. The experts' weight gradients sum over token groups
+            # that EP assembles rank by rank, so their 1x128 tiles (and scales) differ: FP8 noise apart.
+            assert err < (0.05 if ".experts." in name else 1e-4), (name, err)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fp8_experts_and_linears_under_fsdp2_and_ep_match_one_process(tmp_path, fp8_config, one_thread):
+    import torch.multiprocessing as mp
+
+    config = DeepSeekV3Config.from_dict({**fp8_config.to_dict(), "num_nextn_predict_layers": 0})
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    _quiet_convert(model, FP8Config("blockwise", experts=True))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    batch = torch.randint(0, config.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))  # 128 tokens/rank
+    out = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+    out.ce_loss.backward()
+    ref = {"state": model.state_dict(), "batch": batch, "loss": out.ce_loss.detach()}
+    ref["grads"] = {n: p.grad for n, p in model.named_parameters()}
+    mp.start_processes(
+        _fp8_parallel_worker, args=(f"file://{tmp_path}/rdzv", config, ref), nprocs=2, join=True, start_method="fork"
+    )
