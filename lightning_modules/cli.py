@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,22 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    CheckpointWriteError,
+    check_writable_dir,
+    read_checkpoint,
+)
 from lightning_modules.module import (
     DeepSeekV3LitModule,
     checkpoint_from_model,
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
+from lightning_modules.nonfinite import NonFiniteError
 
 OVERVIEW = """\
 usage: dsv3 {fit,validate,test,generate,convert,sweep} [options]
@@ -105,7 +114,7 @@ class DSV3CLI(LightningCLI):
                 f"--ckpt_path {ckpt_path}: no such file. Give a .ckpt file, or 'last' to resume from the newest "
                 "checkpoint of the configured ModelCheckpoint directory"
             )
-        hparams = _read_checkpoint(ckpt_path).get("hyper_parameters", {})
+        hparams = read_checkpoint(ckpt_path, mmap=True, verify=False).get("hyper_parameters", {})
         saved = {k: hparams[k] for k in ("preset", "overrides") if k in hparams}
         if not saved:
             return
@@ -119,12 +128,11 @@ class DSV3CLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {err}") from err
+    def before_fit(self) -> None:
+        """Fail now, not at the first save 50 steps in, when a checkpoint directory cannot be written."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None) is not None:
+                check_writable_dir(callback.dirpath, "trainer.callbacks.init_args.dirpath")
 
 
 # ---------------------------------------------------------------------- generate
@@ -145,7 +153,7 @@ def generate_main(argv: list[str]) -> int:
     from models.generate import generate
 
     args = _generate_parser().parse_args(argv)
-    ckpt = _read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
+    ckpt = read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"), mmap=True)
     model = model_from_checkpoint(ckpt, device=args.device).eval()
     tokenizer, eos_id = tokenizer_from_checkpoint(ckpt)
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -194,7 +202,7 @@ def convert_main(argv: list[str]) -> int:
     if args.ckpt_path:
         if not args.to_hf:
             parser.error("--ckpt_path needs --to_hf OUT_DIR")
-        model = model_from_checkpoint(_read_checkpoint(_existing(args.ckpt_path, "--ckpt_path")))
+        model = model_from_checkpoint(read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"), mmap=True))
         save_hf_checkpoint(model, args.to_hf, dtype=dtype)
         print(f"wrote {args.to_hf}")
     else:
@@ -237,11 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         DSV3CLI(args=cli_args)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except SIGTERMException as stop:  # callbacks.Preemption saved the step; non-zero so a scheduler requeues
+        print(
+            f"dsv3 {argv[0]}: {str(stop) or 'stopped by SIGTERM without a checkpoint (no callbacks.Preemption)'}",
+            file=sys.stderr,
+        )
+        return stop.code or 128 + signal.SIGTERM
+    except (NonFiniteError, CheckpointError, UserError, ValueError, FileNotFoundError) as err:
         if os.environ.get("DSV3_TRACEBACK"):
             raise
         print(f"dsv3 {argv[0]}: error: {err}\n(set DSV3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        # 1: the run failed (it diverged, the disk filled up); 2: the command line or a file it names is wrong.
+        return 1 if isinstance(err, NonFiniteError | CheckpointWriteError) else 2
     return 0
 
 

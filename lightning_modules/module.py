@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lightning_modules.nonfinite import NonFiniteGuard
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.rope import rope_freqs_cis
@@ -92,6 +93,8 @@ class DeepSeekV3LitModule(LightningModule):
         compile: ``torch.compile`` each transformer block (``models.parallel.compile_blocks``); on GPUs.
         activation_checkpointing: ``none``, ``selective`` (keep matmul/attention outputs, recompute the rest) or
             ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
+        max_nonfinite_skips: Optimizer steps with a non-finite loss or gradient norm that are skipped (on the
+            device, with a fused optimizer) before the run stops; 0 stops at the first (``NonFiniteGuard``).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class DeepSeekV3LitModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: str = "none",
+        max_nonfinite_skips: int = 0,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
@@ -122,6 +126,7 @@ class DeepSeekV3LitModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len"])
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.nonfinite = NonFiniteGuard(max_nonfinite_skips)
         self.model: DeepSeekV3 | None = None
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
@@ -157,6 +162,7 @@ class DeepSeekV3LitModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        self.nonfinite.observe_loss(out.loss)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/ce_loss", out.ce_loss)
         if out.mtp_loss is not None:
@@ -167,6 +173,14 @@ class DeepSeekV3LitModule(LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/nonfinite_steps", self.nonfinite.bad_steps.float())
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.nonfinite.check()  # at logging steps, where Lightning reads the metrics anyway
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -212,6 +226,7 @@ class DeepSeekV3LitModule(LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=2.2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         else:
             optimizer = self.optimizer_factory(groups)
+        self.nonfinite.check_optimizer(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -234,9 +249,12 @@ class DeepSeekV3LitModule(LightningModule):
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.log("grad_norm", norm)
+        self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.nonfinite.check()  # never write the state of a non-finite step
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint["tokens_seen"] = self.tokens_seen
         # The tokenizer travels with the weights, so `dsv3 generate` needs nothing but the checkpoint.
