@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from callbacks.moe_counts import MoECounts
 from lightning_modules.nonfinite import NonFiniteGuard
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
@@ -128,6 +129,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.nonfinite = NonFiniteGuard(max_nonfinite_skips)
         self.model: DeepSeekV3 | None = None
+        # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
+        self.moe_counts: MoECounts | None = None
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -150,6 +153,7 @@ class DeepSeekV3LitModule(LightningModule):
         if self.hparams.compile:
             compile_blocks(model)
         self.model = model
+        self.moe_counts = MoECounts(model)  # the default group: every rank is data-parallel here
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         """(B, S) token ids -> ``DeepSeekV3Output``."""
