@@ -5,14 +5,17 @@ pass (epoch) over a split. It is a pure function of the dataset, the shard index
 is just a count of documents, and resuming is skipping that many (read, not tokenized).
 """
 
+import glob
 import hashlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
 _READ_BATCH = 64  # documents per Arrow batch read from the dataset
 
@@ -38,10 +41,26 @@ class DocumentSource:
     load_kwargs: dict = field(default_factory=dict)
 
     def load(self) -> IterableDataset:
-        """Open the split as a streaming dataset; fails early when the text column is known to be missing."""
-        dataset = load_dataset(
-            self.path, self.name, split=self.split, data_files=self.data_files, streaming=True, **self.load_kwargs
-        )
+        """Open the split as a streaming dataset; fails early, naming the field, when the files or the column are bad.
+
+        Raises:
+            ValueError: a local ``data_files`` entry is missing, a directory, a glob matching nothing or empty; the
+                files hold no documents; the Hub cannot be reached (offline) for a Hub dataset id.
+        """
+        if self.path in _PACKAGED_DATASETS_MODULES:  # a builder (json, parquet, text, ...): files are local paths
+            check_local_files(self.data_files)
+        try:
+            dataset = load_dataset(
+                self.path, self.name, split=self.split, data_files=self.data_files, streaming=True, **self.load_kwargs
+            )
+        except StopIteration as err:  # datasets' builders infer the schema from the first record
+            raise ValueError(f"data.data_files={self.data_files!r} holds no documents; give files with data") from err
+        except ConnectionError as err:  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no network
+            raise ValueError(
+                f"data.path={self.path!r} is read from the Hugging Face Hub, which cannot be reached ({err}); "
+                "download it while online (it is cached), or give local files: data.path json/parquet/text with "
+                "data.data_files"
+            ) from err
         if dataset.column_names is not None:
             self.check_column(dataset.column_names)
         return dataset
@@ -53,6 +72,30 @@ class DocumentSource:
                 f"text_column={self.text_column!r} is not a column of {self.path!r} (split {self.split!r}); its "
                 f"columns are {list(columns)}. Pass --data.text_column with one of them."
             )
+
+
+def check_local_files(data_files: Any) -> None:
+    """Raise a ``ValueError`` for a local ``data_files`` entry of a builder that cannot give documents (URLs pass).
+
+    ``datasets`` reports these as "Unable to find" (for a directory that exists), "0 tokens" or a bare
+    StopIteration; here each says what is wrong with which entry.
+    """
+    if isinstance(data_files, dict):
+        entries = [f for files in data_files.values() for f in ([files] if isinstance(files, str) else files)]
+    else:
+        entries = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    for entry in map(str, entries):
+        if "://" in entry:
+            continue
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            raise ValueError(f"data.data_files={entry!r} is a directory; give its files, e.g. '{path}/*.jsonl'")
+        matches = [Path(m) for m in glob.glob(str(path), recursive=True)] if glob.has_magic(entry) else [path]
+        if not matches or not all(m.exists() for m in matches):
+            what = "matches no files" if glob.has_magic(entry) else "does not exist"
+            raise ValueError(f"data.data_files={entry!r} {what} (relative paths start at {Path.cwd()})")
+        if all(m.is_file() and m.stat().st_size == 0 for m in matches):
+            raise ValueError(f"data.data_files={entry!r} is empty: no documents to read")
 
 
 def iter_documents(

@@ -24,7 +24,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_modules.checkpoint_io import (
     AtomicCheckpointIO,
@@ -124,6 +124,8 @@ class DSV3CLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "last":  # the file Lightning will resume from, so that its model is the default here too
+            ckpt_path = last_checkpoint(self.config[subcommand].get("trainer"))
         if not ckpt_path or ckpt_path in _SPECIAL_CKPT or str(ckpt_path).startswith("registry"):
             return
         if not Path(ckpt_path).is_file():
@@ -146,10 +148,16 @@ class DSV3CLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Fail now, not at the first save 50 steps in, when a checkpoint directory cannot be written."""
+        """Fail now, not at the first save or validation 50 steps in, on what Lightning checks only then."""
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None) is not None:
                 check_writable_dir(callback.dirpath, "trainer.callbacks.init_args.dirpath")
+        interval = self.trainer.val_check_interval
+        if isinstance(interval, int) and interval < 1:
+            raise UserError(
+                f"--trainer.val_check_interval={interval}: give a number of training batches >= 1 (the training "
+                "stream is endless, so not a fraction of an epoch)"
+            )
 
 
 def default_checkpoint_dirpath(trainer: Any) -> None:
@@ -162,11 +170,24 @@ def default_checkpoint_dirpath(trainer: Any) -> None:
         return
     for callback in trainer.get("callbacks") or []:
         init_args = getattr(callback, "init_args", None)
-        if _is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
+        if is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
             init_args.dirpath = os.path.join(save_dir, name, "checkpoints")
 
 
-def _is_model_checkpoint(class_path: str) -> bool:
+def last_checkpoint(trainer: Any) -> str | None:
+    """What ``--ckpt_path last`` loads (Lightning's rule): the newest ``last*.ckpt`` of the checkpoint directories."""
+    default_checkpoint_dirpath(trainer)
+    dirs = [
+        callback.init_args.dirpath
+        for callback in (trainer.get("callbacks") if trainer else None) or []
+        if is_model_checkpoint(getattr(callback, "class_path", "")) and callback.init_args.get("dirpath")
+    ]
+    found = [p for d in dirs for p in Path(d).glob("last*.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def is_model_checkpoint(class_path: str) -> bool:
+    """Whether a config's ``class_path`` names ``ModelCheckpoint`` or a subclass (an unimportable path: no)."""
     module, _, name = class_path.rpartition(".")  # a parsed class_path is a full import path
     try:
         return issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
@@ -192,6 +213,7 @@ def generate_main(argv: list[str]) -> int:
     from models.generate import generate
 
     args = _generate_parser().parse_args(argv)
+    _check_device(args.device)
     ckpt = read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"), mmap=True)
     model = model_from_checkpoint(ckpt, device=args.device).eval()
     tokenizer, eos_id = tokenizer_from_checkpoint(ckpt)
@@ -253,6 +275,13 @@ def convert_main(argv: list[str]) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # "Torch not compiled with CUDA enabled", no such device
+        raise UserError(f"--device {device}: not usable here ({err}); use --device cpu") from err
+
+
 def _existing(path: str, flag: str) -> str:
     if not Path(path).exists():
         raise UserError(f"{flag} {path}: no such file or folder")
@@ -290,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return stop.code or 128 + signal.SIGTERM
-    except (NonFiniteError, CheckpointError, UserError, ValueError, FileNotFoundError) as err:
+    except (
+        NonFiniteError,
+        CheckpointError,
+        UserError,
+        ValueError,
+        FileNotFoundError,
+        MisconfigurationException,
+    ) as err:
         if os.environ.get("DSV3_TRACEBACK"):
             raise
         print(f"dsv3 {argv[0]}: error: {err}\n(set DSV3_TRACEBACK=1 for the full traceback)", file=sys.stderr)

@@ -62,7 +62,10 @@ def build_config(
         raise ValueError(
             f"unknown keys {unknown} in model.overrides; valid keys are DeepSeekV3Config fields: {sorted(known)}"
         )
-    return DeepSeekV3Config.from_preset(preset, **overrides)
+    try:
+        return DeepSeekV3Config.from_preset(preset, **overrides)
+    except ValueError as err:  # name where the value came from
+        raise ValueError(f"model.preset {preset!r} with model.overrides: {err}") from err
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:

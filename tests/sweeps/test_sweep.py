@@ -196,7 +196,7 @@ def test_callback_lists_come_from_the_files_a_config_includes():
     key = "trainer.callbacks[ExpertBiasBalancing].init_args.gamma"
     callbacks = trials.resolve_list_flags([str(ROOT / "configs" / "tiny.yaml")], {key: 0.01})["trainer.callbacks"]
     names = [c["class_path"].rsplit(".", 1)[-1] for c in callbacks]
-    assert names[0] == "ExpertBiasBalancing" and names[-1] == "ModelCheckpoint" and len(names) >= 4
+    assert names[0] == "ExpertBiasBalancing" and names[-1] == "BestAndLastCheckpoint" and len(names) >= 4
     assert callbacks[0]["init_args"] == {"gamma": 0.01}
 
 
