@@ -1,8 +1,9 @@
 """Run-to-run reproducibility of training, and what it costs: the MoE dispatch backward, before and after.
 
 Trains the ``tiny`` preset (configs/tiny.yaml's model, AdamW, clip 1.0) for ``--steps`` steps twice from the same
-initialisation and data, in three modes, and reports the largest loss difference between the two runs and the
-median step time:
+initialisation and data, in three modes, and reports the largest loss difference between the two runs; then times
+forward + backward of one batch in the three modes, interleaved (so that a shared machine's load drifts alike for
+all), and reports the median:
 
 * ``scatter-add``: the dispatch ``x_TD[order_TK // K]`` with autograd's backward (an index_put_ accumulate: the
   order of the atomic/threaded adds varies), as on main before the fix;
@@ -51,25 +52,47 @@ def mode(name: str):
         torch.use_deterministic_algorithms(deterministic)
 
 
-def train(args, batches: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Losses and step times of ``len(batches)`` AdamW steps from the seed-0 initialisation."""
+def build(args) -> DeepSeekV3:
     torch.manual_seed(0)
     config = DeepSeekV3Config.from_preset(args.preset, vocab_size=args.vocab_size)
     with torch.device(args.device):
         model = DeepSeekV3(config)
     model.init_weights()
+    return model
+
+
+def forward_backward(model: DeepSeekV3, batch: torch.Tensor) -> torch.Tensor:
+    loss = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
+    loss.backward()
+    return loss
+
+
+def train(args, batches: torch.Tensor) -> list[float]:
+    """Losses of ``len(batches)`` AdamW steps from the seed-0 initialisation."""
+    model = build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, times = [], []
+    losses = []
     for batch in batches:
-        start = time.perf_counter()
-        loss = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
-        loss.backward()
+        loss = forward_backward(model, batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # also waits for the device
-        times.append(time.perf_counter() - start)
-    return losses, times
+        losses.append(loss.item())
+    return losses
+
+
+def step_times(args, batch: torch.Tensor, modes: tuple[str, ...]) -> dict[str, list[float]]:
+    """Forward + backward of ``batch``, the modes taking turns ``--reps`` times."""
+    model, times = build(args), {name: [] for name in modes}
+    for rep in range(args.reps + 1):
+        for name in modes:
+            with mode(name):
+                model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                forward_backward(model, batch).item()  # .item() waits for the device
+                if rep:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -79,24 +102,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=23)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(1)
     batches = torch.randint(0, args.vocab_size, (args.steps, args.batch_size, args.seq_len + 1), generator=generator)
     batches = batches.to(args.device)
+    modes = ("scatter-add", "gather-sum", "deterministic")
     print(
         f"{args.preset}, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, {args.device}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print("| backward of the dispatch | max abs loss diff, run 1 vs 2 | at step | median step ms |")
+    times = step_times(args, batches[0], modes)
+    print("| backward of the dispatch | max abs loss diff, run 1 vs 2 | first differing step | fwd+bwd ms (median) |")
     print("| --- | ---: | ---: | ---: |")
-    for name in ("scatter-add", "gather-sum", "deterministic"):
+    for name in modes:
         with mode(name):
-            (a, times_a), (b, times_b) = train(args, batches), train(args, batches)
-        diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-        worst = max(range(len(diffs)), key=diffs.__getitem__)
-        step_ms = statistics.median(times_a[1:] + times_b[1:]) * 1e3  # the first step warms up
-        print(f"| {name} | {diffs[worst]:.2e} | {worst + 1 if diffs[worst] else '-'} | {step_ms:.1f} |", flush=True)
+            a, b = train(args, batches), train(args, batches)
+        first = next((i + 1 for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), "-")
+        worst = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        print(f"| {name} | {worst:.2e} | {first} | {statistics.median(times[name]) * 1e3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from datamodules.validation import FixedBatches, validation_batches
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: positions are (epoch, file, doc, offset); 1 counted documents from the epoch's start
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -248,6 +248,14 @@ class PretrainDataModule(L.LightningDataModule):
                 tokenizer), with which its positions mean different documents.
         """
         if not state_dict:
+            return
+        if state_dict.get("version") != _STATE_VERSION:
+            log.warning(
+                "The checkpoint's data position has format version %s, this code reads version %s: starting the data "
+                "stream afresh (the model, optimizer and schedule are restored).",
+                state_dict.get("version"),
+                _STATE_VERSION,
+            )
             return
         layout = self._layout(self.data_parallel()[1])
         if state_dict.get("source") != layout["source"]:

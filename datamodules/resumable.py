@@ -73,7 +73,7 @@ class StreamState:
         return cls(positions, batches=int(state["batches"]), next_stream=int(state["next_stream"]))
 
     def to_tensor(self) -> torch.Tensor:
-        """Flat ``int64`` encoding, shape ``(2 + 3 * num_streams,)``, for gathering across ranks."""
+        """Flat ``int64`` encoding, shape ``(2 + 4 * num_streams,)``, for gathering across ranks."""
         flat = [self.batches, self.next_stream, *(v for p in self.positions for v in p)]
         return torch.tensor(flat, dtype=torch.int64)
 
@@ -81,7 +81,8 @@ class StreamState:
     def from_tensor(cls, flat: torch.Tensor) -> "StreamState":
         """Inverse of ``to_tensor``."""
         values = [int(v) for v in flat.tolist()]
-        positions = [StreamPosition(*values[i : i + 3]) for i in range(2, len(values), 3)]
+        n = len(StreamPosition._fields)
+        positions = [StreamPosition(*values[i : i + n]) for i in range(2, len(values), n)]
         return cls(positions, batches=values[0], next_stream=values[1])
 
 
