@@ -15,11 +15,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from callbacks.moe_counts import MoECounts
 from lightning_modules.nonfinite import NonFiniteGuard
 from models import DeepSeekV3, DeepSeekV3Config
+from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.rope import rope_freqs_cis
 
@@ -250,11 +250,9 @@ class DeepSeekV3LitModule(LightningModule):
         wrapped = self.trainer.model
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
             norm = wrapped.clip_grad_norm_(max_norm)
-        else:  # plain tensors or DTensors (FSDP2), whose norm torch reduces itself
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        else:  # plain tensors, or DTensors on the dense and the expert meshes (FSDP2 x EP)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = clip_grad_norm_(params, max_norm=max_norm, foreach=True)
         self.log("grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
 
