@@ -22,7 +22,34 @@ import pyarrow.parquet as pq
 
 from datamodules import PretrainDataModule
 
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which but".split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+]
 
 
 def write_corpus(root: Path, files: int, docs_per_file: int) -> list[str]:
