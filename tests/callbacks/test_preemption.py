@@ -93,3 +93,24 @@ def test_bad_arguments_name_the_field():
         Preemption(signals=["SIGTEM"])
     with pytest.raises(ValueError, match="check_every_n_steps=0 must be >= 1"):
         Preemption(check_every_n_steps=0)
+
+
+def test_slurm_requeue_signal_runs_scontrol_requeue(tmp_path, monkeypatch):
+    """Under SLURMEnvironment(auto_requeue) the requeue signal requeues the job, as Lightning's own handler does."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from callbacks.preemption import _requeue_slurm_job, _slurm_requeue_signal
+
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/called\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=SLURMEnvironment()))
+    assert _slurm_requeue_signal(trainer) == signal.SIGUSR1
+    trainer._accelerator_connector.cluster_environment = SLURMEnvironment(auto_requeue=False)
+    assert _slurm_requeue_signal(trainer) is None
+    _requeue_slurm_job()
+    assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
