@@ -12,13 +12,15 @@ import numpy as np
 
 
 class StreamPosition(NamedTuple):
-    """A point in a document stream: the next token is ``offset`` into document ``doc`` of pass ``epoch``.
+    """A point in a document stream: the next token is ``offset`` into document ``doc`` of ``file`` in pass ``epoch``.
 
-    ``doc`` counts every document the stream has read in that epoch (empty and held-out ones too), so resuming is
-    skipping ``doc`` documents, re-encoding document ``doc`` and dropping its first ``offset`` tokens.
+    ``file`` indexes the stream's files in that epoch's order and ``doc`` the documents of that file as the stream
+    reads them (empty and held-out ones too, ``datamodules.documents.iter_positioned``), so resuming opens that
+    file, drops its documents before ``doc``, re-encodes document ``doc`` and drops its first ``offset`` tokens.
     """
 
     epoch: int = 0
+    file: int = 0
     doc: int = 0
     offset: int = 0
 

@@ -26,7 +26,7 @@ from datamodules.validation import FixedBatches, validation_batches
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: positions are (epoch, file, doc, offset); 1 counted documents from the epoch's start
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -259,6 +259,14 @@ class PretrainDataModule(L.LightningDataModule):
                 tokenizer), with which its positions mean different documents.
         """
         if not state_dict:
+            return
+        if state_dict.get("version") != _STATE_VERSION:
+            log.warning(
+                "The checkpoint's data position has format version %s, this code reads version %s: starting the data "
+                "stream afresh (the model, optimizer and schedule are restored).",
+                state_dict.get("version"),
+                _STATE_VERSION,
+            )
             return
         state_dict = _one_stream_as_global(state_dict, self.hparams.order)
         layout = self._layout(self.data_parallel()[1])

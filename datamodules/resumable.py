@@ -7,6 +7,7 @@ does so in ``on_before_batch_transfer``, called once per batch the training loop
 """
 
 import logging
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 # Batches handed out but not yet consumed: Lightning's one plus slack; more means nobody commits.
 _MAX_PENDING = 64
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Leave SIGTERM/SIGUSR1 to the main process, which saves the current step and then ends its workers.
+
+    Schedulers signal every process of a job, and a worker killed by one makes torch raise in the main process.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -63,7 +73,7 @@ class StreamState:
         return cls(positions, batches=int(state["batches"]), next_stream=int(state["next_stream"]))
 
     def to_tensor(self) -> torch.Tensor:
-        """Flat ``int64`` encoding, shape ``(2 + 3 * num_streams,)``, for gathering across ranks."""
+        """Flat ``int64`` encoding, shape ``(2 + 4 * num_streams,)``, for gathering across ranks."""
         flat = [self.batches, self.next_stream, *(v for p in self.positions for v in p)]
         return torch.tensor(flat, dtype=torch.int64)
 
@@ -71,7 +81,8 @@ class StreamState:
     def from_tensor(cls, flat: torch.Tensor) -> "StreamState":
         """Inverse of ``to_tensor``."""
         values = [int(v) for v in flat.tolist()]
-        positions = [StreamPosition(*values[i : i + 3]) for i in range(2, len(values), 3)]
+        n = len(StreamPosition._fields)
+        positions = [StreamPosition(*values[i : i + n]) for i in range(2, len(values), n)]
         return cls(positions, batches=values[0], next_stream=values[1])
 
 
@@ -104,7 +115,7 @@ class ResumableLoader:
         self._pending.clear()
         workers = {"num_workers": self.num_workers}
         if self.num_workers > 0:
-            workers["prefetch_factor"] = self.prefetch_factor
+            workers.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_ignore_stop_signals)
         loader = DataLoader(self.make_stream(self.state), batch_size=None, pin_memory=self.pin_memory, **workers)
         for tokens, stream, position in loader:
             self._pending.append((tokens, stream, position))

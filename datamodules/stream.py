@@ -14,7 +14,7 @@ import torch
 from datasets import IterableDataset as HFIterableDataset
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.documents import DocumentSource, is_held_out, iter_documents, skip_documents
+from datamodules.documents import DocumentSource, is_held_out, iter_positioned
 from datamodules.encoding import DocumentEncoder
 from datamodules.packing import Packer, StreamPosition
 
@@ -97,21 +97,21 @@ class PackedStream(IterableDataset):
         for epoch in itertools.count(start.epoch):
             first = start if epoch == start.epoch else StreamPosition(epoch)
             pass_tokens = 0
-            for doc, tokens in self._encoded(stream, epoch, first.doc):
-                offset = first.offset if doc == first.doc else 0
-                packer.add(StreamPosition(epoch, doc, offset), tokens[offset:])
+            for file, doc, tokens in self._encoded(stream, epoch, (first.file, first.doc)):
+                offset = first.offset if (file, doc) == (first.file, first.doc) else 0
+                packer.add(StreamPosition(epoch, file, doc, offset), tokens[offset:])
                 pass_tokens += len(tokens)
-                after_doc = StreamPosition(epoch, doc + 1)
+                after_doc = StreamPosition(epoch, file, doc + 1)
                 while len(packer) >= need:
                     batch = np.stack([packer.take() for _ in range(spec.batch_size)])  # (B, S+1)
                     yield batch, packer.head() or after_doc
-            if first.doc == 0 and pass_tokens < need:
+            if (first.file, first.doc) == (0, 0) and pass_tokens < need:
                 raise ValueError(self._too_small(stream, pass_tokens, need))
 
-    def _encoded(self, stream: int, epoch: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(document index, token ids)`` of the non-empty training documents, from document ``skip`` on."""
+    def _encoded(self, stream: int, epoch: int, start: tuple[int, int]) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(file, document, token ids)`` of the non-empty training documents, from ``start`` on."""
         spec = self.spec
-        documents = iter_documents(
+        documents = iter_positioned(
             spec.source,
             self.dataset,
             shard=spec.rank * spec.num_streams + stream,
@@ -119,22 +119,23 @@ class PackedStream(IterableDataset):
             epoch=epoch,
             seed=spec.seed,
             shuffle_buffer=spec.shuffle_buffer,
+            start=start,
         )
         group, chars = [], 0
-        for doc, text in skip_documents(documents, skip):
+        for file, doc, text in documents:
             if not text or text.isspace() or is_held_out(text, spec.val_fraction):
                 continue
-            group.append((doc, text))
+            group.append((file, doc, text))
             chars += len(text)
             if chars >= _ENCODE_CHARS or len(group) >= _ENCODE_DOCS:
                 yield from self._encode_group(group, epoch)
                 group, chars = [], 0
         yield from self._encode_group(group, epoch)
 
-    def _encode_group(self, group: list[tuple[int, str]], epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _encode_group(self, group: list[tuple[int, int, str]], epoch: int) -> Iterator[tuple[int, int, np.ndarray]]:
         if group:
-            tokens = self.encoder.encode([text for _, text in group], epoch)
-            yield from zip((doc for doc, _ in group), tokens, strict=True)
+            tokens = self.encoder.encode([text for *_, text in group], epoch)
+            yield from ((file, doc, ids) for (file, doc, _), ids in zip(group, tokens, strict=True))
 
     def _too_small(self, stream: int, tokens: int, need: int) -> str:
         spec = self.spec

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,23 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_modules.checkpoint_contents import (
     checkpoint_from_model,
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    CheckpointWriteError,
+    check_writable_dir,
+    read_checkpoint,
+)
 from lightning_modules.config_include import PARSER_MODE, expand_config_args
 from lightning_modules.module import DeepSeekV3LitModule
+from lightning_modules.nonfinite import NonFiniteError
 from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models.parallel.mixed_precision import cast_parameters
 
@@ -120,6 +129,8 @@ class DSV3CLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "last":  # the file Lightning will resume from, so that its model is the default here too
+            ckpt_path = last_checkpoint(self.config[subcommand].get("trainer"))
         if not ckpt_path or ckpt_path in _SPECIAL_CKPT or str(ckpt_path).startswith("registry"):
             return
         if not Path(ckpt_path).is_file() and not is_sharded_checkpoint(ckpt_path):
@@ -156,6 +167,18 @@ class DSV3CLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def before_fit(self) -> None:
+        """Fail now, not at the first save or validation 50 steps in, on what Lightning checks only then."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None) is not None:
+                check_writable_dir(callback.dirpath, "trainer.callbacks.init_args.dirpath")
+        interval = self.trainer.val_check_interval
+        if isinstance(interval, int) and interval < 1:
+            raise UserError(
+                f"--trainer.val_check_interval={interval}: give a number of training batches >= 1 (the training "
+                "stream is endless, so not a fraction of an epoch)"
+            )
+
 
 def default_checkpoint_dirpath(trainer: Any) -> None:
     """Give each ``ModelCheckpoint`` of a parsed trainer config that has no ``dirpath`` the logger's
@@ -167,7 +190,7 @@ def default_checkpoint_dirpath(trainer: Any) -> None:
         return
     for callback in trainer.get("callbacks") or []:
         init_args = getattr(callback, "init_args", None)
-        if _is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
+        if is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
             init_args.dirpath = os.path.join(save_dir, name, "checkpoints")
 
 
@@ -180,7 +203,20 @@ def _log_evaluation_into(trainer: Any, version: str) -> None:
         init.version = version
 
 
-def _is_model_checkpoint(class_path: str) -> bool:
+def last_checkpoint(trainer: Any) -> str | None:
+    """What ``--ckpt_path last`` loads (Lightning's rule): the newest ``last*.ckpt`` of the checkpoint directories."""
+    default_checkpoint_dirpath(trainer)
+    dirs = [
+        callback.init_args.dirpath
+        for callback in (trainer.get("callbacks") if trainer else None) or []
+        if is_model_checkpoint(getattr(callback, "class_path", "")) and callback.init_args.get("dirpath")
+    ]
+    found = [p for d in dirs for p in Path(d).glob("last*.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def is_model_checkpoint(class_path: str) -> bool:
+    """Whether a config's ``class_path`` names ``ModelCheckpoint`` or a subclass (an unimportable path: no)."""
     module, _, name = class_path.rpartition(".")  # a parsed class_path is a full import path
     try:
         return issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
@@ -190,12 +226,12 @@ def _is_model_checkpoint(class_path: str) -> bool:
 
 def _read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict[str, Any]:
     """A single-file checkpoint, or a sharded one (``DeepSeekV3Strategy``'s directory) read into the same form."""
-    try:
-        if is_sharded_checkpoint(path):
+    if is_sharded_checkpoint(path):
+        try:
             return read_sharded_checkpoint(path, weights=weights)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {err}") from err
+        except Exception as err:  # a partial or foreign directory
+            raise CheckpointError(f"cannot read sharded checkpoint {path}: {err}") from err
+    return read_checkpoint(path, mmap=True, verify=weights)
 
 
 # ---------------------------------------------------------------------- generate
@@ -216,6 +252,7 @@ def generate_main(argv: list[str]) -> int:
     from models.generate import generate
 
     args = _generate_parser().parse_args(argv)
+    _check_device(args.device)
     ckpt = _read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
     model = model_from_checkpoint(ckpt, device=args.device).eval()
     tokenizer, eos_id = tokenizer_from_checkpoint(ckpt)
@@ -324,6 +361,13 @@ def _hf_tokenizer(folder: str) -> tuple[Any, int | None]:
     return tokenizer, eos_token_id(tokenizer, folder, None)
 
 
+def _check_device(device: str) -> None:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # "Torch not compiled with CUDA enabled", no such device
+        raise UserError(f"--device {device}: not usable here ({err}); use --device cpu") from err
+
+
 def _existing(path: str, flag: str) -> str:
     if not Path(path).exists():
         raise UserError(f"{flag} {path}: no such file or folder")
@@ -355,11 +399,25 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         DSV3CLI(args=cli_args)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except SIGTERMException as stop:  # callbacks.Preemption saved the step; non-zero so a scheduler requeues
+        print(
+            f"dsv3 {argv[0]}: {str(stop) or 'stopped by SIGTERM without a checkpoint (no callbacks.Preemption)'}",
+            file=sys.stderr,
+        )
+        return stop.code or 128 + signal.SIGTERM
+    except (
+        NonFiniteError,
+        CheckpointError,
+        UserError,
+        ValueError,
+        FileNotFoundError,
+        MisconfigurationException,
+    ) as err:
         if os.environ.get("DSV3_TRACEBACK"):
             raise
         print(f"dsv3 {argv[0]}: error: {err}\n(set DSV3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        # 1: the run failed (it diverged, the disk filled up); 2: the command line or a file it names is wrong.
+        return 1 if isinstance(err, NonFiniteError | CheckpointWriteError) else 2
     return 0
 
 

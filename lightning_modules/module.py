@@ -19,6 +19,7 @@ from torch import nn
 
 from callbacks.moe_counts import MoECounts
 from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
+from lightning_modules.nonfinite import NonFiniteGuard
 from lightning_modules.strategy import DeepSeekV3Strategy
 from models import DeepSeekV3, DeepSeekV3Config
 from models.parallel.clip import clip_grad_norm_
@@ -46,7 +47,10 @@ def build_config(
         raise ValueError(
             f"unknown keys {unknown} in model.overrides; valid keys are DeepSeekV3Config fields: {sorted(known)}"
         )
-    return DeepSeekV3Config.from_preset(preset, **overrides)
+    try:
+        return DeepSeekV3Config.from_preset(preset, **overrides)
+    except ValueError as err:  # name where the value came from
+        raise ValueError(f"model.preset {preset!r} with model.overrides: {err}") from err
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -80,6 +84,8 @@ class DeepSeekV3LitModule(LightningModule):
             ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
         fp8: FP8 training (``models.parallel.fp8``, docs/fp8.md): a recipe name (``tensorwise``, ``rowwise``,
             ``blockwise``) or ``{recipe: ..., experts: true, exclude: [module patterns]}``; None (default): off.
+        max_nonfinite_skips: Optimizer steps with a non-finite loss or gradient norm that are skipped (on the
+            device, with a fused optimizer) before the run stops; 0 stops at the first (``NonFiniteGuard``).
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class DeepSeekV3LitModule(LightningModule):
         compile: bool = False,
         activation_checkpointing: str = "none",
         fp8: str | FP8Config | None = None,
+        max_nonfinite_skips: int = 0,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
@@ -113,6 +120,7 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["model_config"] = self.config.to_dict()
         self.hparams["fp8"] = dataclasses.asdict(self.fp8) if self.fp8 is not None else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.nonfinite = NonFiniteGuard(max_nonfinite_skips)
         self.model: DeepSeekV3 | None = None
         # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
         self.moe_counts: MoECounts | None = None
@@ -171,6 +179,7 @@ class DeepSeekV3LitModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        self.nonfinite.observe_loss(out.loss)
         dp = self._data_parallel_mean()
         self.log("train/loss", out.loss, prog_bar=True, **dp)
         self.log("train/ce_loss", out.ce_loss, **dp)
@@ -190,6 +199,14 @@ class DeepSeekV3LitModule(LightningModule):
         if isinstance(strategy, DeepSeekV3Strategy) and strategy.parallel_dims.dp > 1:
             return {"sync_dist": True, "sync_dist_group": strategy.data_parallel_group}
         return {}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/nonfinite_steps", self.nonfinite.bad_steps.float())
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.nonfinite.check()  # at logging steps, where Lightning reads the metrics anyway
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -238,6 +255,7 @@ class DeepSeekV3LitModule(LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=2.2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         else:
             optimizer = self.optimizer_factory(groups)
+        self.nonfinite.check_optimizer(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -258,9 +276,12 @@ class DeepSeekV3LitModule(LightningModule):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             norm = clip_grad_norm_(params, max_norm=max_norm, foreach=True)
         self.log("grad_norm", norm)
+        self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.nonfinite.check()  # never write the state of a non-finite step
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint["tokens_seen"] = self.tokens_seen
         # The tokenizer travels with the weights, so `dsv3 generate` needs nothing but the checkpoint.

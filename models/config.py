@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,15 @@ SHAPE_FIELDS = (
     "num_nextn_predict_layers",
     "tie_word_embeddings",
 )
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """``isinstance`` for a config field: a bool is not an integer, an integer is a number."""
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -126,6 +136,7 @@ class DeepSeekV3Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the allowed values for any inconsistent setting."""
+        self._validate_types()
         positive = [
             "vocab_size",
             "hidden_size",
@@ -162,6 +173,17 @@ class DeepSeekV3Config:
         for name in ("seq_aux_alpha", "mtp_loss_weight", "rms_norm_eps", "init_std"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _validate_types(self) -> None:
+        # Values from YAML or the command line arrive untyped ("abc", 64.5); say which field, before any arithmetic.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+            value = getattr(self, f.name)
+            if not f.init or any(_is_a(value, kind) for kind in allowed):
+                continue
+            names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+            raise ValueError(f"{f.name}={value!r} must be {' or '.join(names[kind] for kind in allowed)}")
 
     def _validate_moe(self) -> None:
         if not self.has_moe:

@@ -159,6 +159,24 @@ def is_recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _Dispatch(torch.autograd.Function):
+    """``x_TD[order_TK // K]``: each token's K copies, sorted by expert. The backward gathers the copies' gradients
+    back into (token, k) order and sums over k, where autograd's would scatter-add them into (T, D): atomic adds
+    whose order (threads, CUDA blocks) makes the gradient, and hence the run, differ bitwise from run to run."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, order_TK: torch.Tensor, inverse_TK: torch.Tensor, top_k: int):  # noqa: ANN001
+        ctx.save_for_backward(inverse_TK)
+        ctx.top_k = top_k
+        return x_TD[order_TK // top_k]
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):  # noqa: ANN001, ANN205
+        (inverse_TK,) = ctx.saved_tensors
+        grad_TKD = grad_ND[inverse_TK].view(-1, ctx.top_k, grad_ND.shape[-1])
+        return grad_TKD.sum(dim=1), None, None, None
+
+
 class _Permute(torch.autograd.Function):
     """``x[perm]`` for a permutation, whose backward is the gather ``grad[inverse]``, not an atomic scatter-add."""
 
@@ -293,7 +311,7 @@ class MoE(nn.Module):
         arange_TK = torch.arange(order_TK.numel(), device=order_TK.device)
         inverse_TK = torch.empty_like(order_TK).scatter_(0, order_TK, arange_TK)  # pair -> sorted position
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        x_TKD = x_TD[order_TK // top_k]  # rows sorted by expert
+        x_TKD = _Dispatch.apply(x_TD, order_TK, inverse_TK, top_k)  # rows sorted by expert
         align = self.experts.group_alignment
         if align > 1:
             rows_TK, offsets_E, n_rows = padded_rows(counts_E, topk_idx_TK.flatten()[order_TK], align)

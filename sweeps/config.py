@@ -177,7 +177,15 @@ class SweepConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> SweepConfig:
         """Load a sweep YAML; keyword arguments (e.g. from the command line) replace top-level keys."""
-        raw = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
+        try:
+            raw = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{path}: a sweep YAML is a mapping of keys (name, base, metric, space, ...), not a "
+                f"{type(raw).__name__}; see docs/sweeps.md"
+            )
         raw.update({k: v for k, v in overrides.items() if v is not None})
         base = raw.pop("base", {}) or {}
         unknown = sorted(set(raw) - {f for f in cls.__dataclass_fields__ if f not in ("configs", "overrides")})

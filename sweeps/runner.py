@@ -23,7 +23,7 @@ import yaml
 
 from sweeps.config import Param, SweepConfig, format_value
 from sweeps.samplers import ListSampler, OptunaSampler
-from sweeps.trials import Trial, load_result, log_tail, read_metric, trial_command, write_json
+from sweeps.trials import Trial, check_trial_parses, load_result, log_tail, read_metric, trial_command, write_json
 
 FINISHED = ("completed", "pruned")  # statuses a rerun skips
 
@@ -281,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SweepConfig.from_yaml(
             args.config, parallel=args.parallel, out_dir=args.out_dir, name=args.name, num_trials=args.num_trials
         )
+        trials = ListSampler(cfg).params if cfg.method != "tpe" else [{p.key: _first(p) for p in cfg.space}]
+        check_trial_parses(cfg, trials[0])
         if args.dry_run:
             if cfg.method == "tpe":
                 print("[sweep] dry run of a tpe sweep: showing the first trial with the space's first values")
-            trials = ListSampler(cfg).params if cfg.method != "tpe" else [{p.key: _first(p) for p in cfg.space}]
             for index, params in enumerate(trials):
                 print(shlex.join(trial_command(cfg, Trial(index, params))))
             return 0

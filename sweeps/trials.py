@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -12,7 +14,7 @@ from typing import Any
 import yaml
 
 from lightning_modules.config_include import config_files
-from sweeps.config import SweepConfig, YamlLoader, format_value
+from sweeps.config import DEFAULT_COMMAND, SweepConfig, YamlLoader, format_value
 
 
 @dataclass
@@ -93,6 +95,41 @@ def _select_item(items: list[dict[str, Any]], selector: str, key: str) -> dict[s
     return items[-1]
 
 
+def check_trial_parses(cfg: SweepConfig, params: dict[str, Any]) -> None:
+    """Parse a trial's command line with ``dsv3 fit``'s own parser (nothing is built or run), so that a key of
+    ``space`` or ``base.overrides`` that fit does not know fails the sweep at once, not every trial in turn.
+
+    Raises:
+        ValueError: with the parser's own message.
+    """
+    if tuple(cfg.command) != DEFAULT_COMMAND:  # another program checks its own flags
+        return
+    from lightning_modules.cli import DSV3CLI
+
+    argv = trial_command(cfg, Trial(0, params))[len(cfg.command) :]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            DSV3CLI(args=["fit", *argv, "--print_config"])
+        except SystemExit as stop:  # --print_config exits 0 once everything parsed; a parse error exits 2
+            if stop.code:
+                raise ValueError(
+                    "dsv3 fit does not accept the trials' flags (check the keys of space and base.overrides): "
+                    + _parser_error(err.getvalue())
+                ) from None
+
+
+def _parser_error(stderr: str) -> str:
+    """The gist of a jsonargparse error: its first line and the offending option, without the usage text."""
+    lines = [line.strip(" -") for line in stderr.split("error:", 1)[-1].splitlines() if line.strip()]
+    found = (_BAD_OPTION.search(line) for line in lines[1:])
+    detail = next((m.group(0) for m in found if m), "")
+    return " ".join(filter(None, [lines[0] if lines else "", detail]))
+
+
+_BAD_OPTION = re.compile(r"Option '[^']+' is not accepted|Key \"[^\"]+\" is not expected|No action for key \"[^\"]+\"")
+
+
 def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
     """The ``dsv3 fit`` command line of a trial: base configs, fixed overrides, logger placement, swept values.
 
@@ -131,10 +168,17 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
 
 def _checkpoint_placement(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
     """A base config's fixed ``ModelCheckpoint.dirpath`` would make the trials overwrite each other's checkpoints."""
+    from lightning_modules.cli import is_model_checkpoint
+
     items = _list_from_configs(cfg.configs, "trainer.callbacks")
-    if sum(item["class_path"].rsplit(".", 1)[-1] == "ModelCheckpoint" for item in items) != 1:
+    names = [
+        name
+        for name, path in ((item["class_path"].rsplit(".", 1)[-1], item["class_path"]) for item in items)
+        if name == "ModelCheckpoint" or is_model_checkpoint(path)  # or a subclass (callbacks.BestAndLastCheckpoint)
+    ]
+    if len(names) != 1:
         return {}
-    return {"trainer.callbacks[ModelCheckpoint].init_args.dirpath": str(cfg.sweep_dir / trial.name / "checkpoints")}
+    return {f"trainer.callbacks[{names[0]}].init_args.dirpath": str(cfg.sweep_dir / trial.name / "checkpoints")}
 
 
 def read_metric(log_dir: Path, tag: str) -> tuple[float, int] | None:

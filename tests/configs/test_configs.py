@@ -53,7 +53,9 @@ def test_config_parses_as_written(path):
         net = DeepSeekV3(model.config)
     assert sum(p.numel() for p in net.parameters()) == model.config.num_params()
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
-    assert {"ExpertBiasBalancing", "MoELoadMonitor", "ModelCheckpoint"} <= set(names)
+    assert {"ExpertBiasBalancing", "MoELoadMonitor", "Preemption"} <= set(names)
+    # last.ckpt is always the newest state: a periodic last, and the preemption handler saves through it
+    assert names[-1] == "BestAndLastCheckpoint" and cli.trainer.callbacks[-1].last_every_n_train_steps > 0
 
 
 def test_tiny_trains_on_the_cpu_as_written():
@@ -84,7 +86,7 @@ def test_print_config_is_the_merged_whole(path, capsys):
     trainer = printed["trainer"]
     assert trainer["gradient_clip_val"] == 1.0 and trainer["logger"]["init_args"]["save_dir"] == "runs"
     assert trainer["logger"]["init_args"]["name"] == path.stem  # the base logger, named by the config
-    assert trainer["callbacks"][-1]["class_path"].endswith("ModelCheckpoint")  # last: flags reach it
+    assert trainer["callbacks"][-1]["class_path"].endswith("BestAndLastCheckpoint")  # last: flags reach it
     assert printed["model"]["optimizer"]["init_args"]["betas"] == [0.9, 0.95]
 
 

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datamodules.documents import DocumentSource, is_held_out, iter_documents
+import datamodules.documents as documents_module
+from datamodules.documents import DocumentSource, is_held_out, iter_documents, iter_positioned, stream_files
 
 
 def _source(files, column="text", path="json", **kwargs):
@@ -67,3 +68,32 @@ def test_held_out_fraction_is_by_content():
     assert 0.045 < len(held) / len(docs) < 0.055
     assert held == [d for d in docs if is_held_out(d, 0.05)]
     assert not any(is_held_out(d, 0.0) for d in docs)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 3])
+def test_resume_reads_from_the_position_on_only(corpus, monkeypatch, shuffle_buffer):
+    """A (file, doc) position opens no earlier file and decodes at most one shuffle window of its own file again,
+    so resuming costs the same at any position; the documents from there on are the uninterrupted pass's."""
+    source = _source(corpus[4])
+    dataset = source.load()
+    full = list(iter_positioned(source, dataset, shuffle_buffer=shuffle_buffer, seed=1))
+    opened, decoded, shard, as_text = [], [], type(dataset).shard, documents_module.as_text
+
+    def recording_shard(self, num_shards, index, contiguous=True):
+        opened.append(index)
+        return shard(self, num_shards, index, contiguous)
+
+    monkeypatch.setattr(type(dataset), "shard", recording_shard)
+    monkeypatch.setattr(documents_module, "as_text", lambda value, column: decoded.append(1) or as_text(value, column))
+    file, doc, _ = full[len(full) * 2 // 3 + 1]  # inside a file, past its first window
+    resumed = list(iter_positioned(source, dataset, shuffle_buffer=shuffle_buffer, seed=1, start=(file, doc)))
+    assert resumed == full[len(full) * 2 // 3 + 1 :]
+    assert opened == stream_files(4, 0, 1, 0, 1, shuffle_buffer > 0)[0][file:]
+    assert len(decoded) == len(resumed) + (doc % shuffle_buffer if shuffle_buffer else 0)
+
+
+def test_fewer_files_than_shards_split_each_file_by_rows():
+    assert stream_files(3, 1, 4, 0, 0, False) == ([0, 1, 2], 1, 4)  # every shard reads all, keeps rows 1, 5, 9...
+    assert stream_files(8, 1, 4, 0, 0, False) == ([1, 5], 0, 1)  # whole files: every 4th
+    shuffled = [stream_files(8, s, 4, 2, 7, True)[0] for s in range(4)]
+    assert sorted(sum(shuffled, [])) == list(range(8)) and shuffled != [[0, 4], [1, 5], [2, 6], [3, 7]]

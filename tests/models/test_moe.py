@@ -91,3 +91,44 @@ def test_counts_skip_eval(tiny_config):
     assert moe.tokens_per_expert.sum() == 0
     moe.train()(x)
     assert moe.tokens_per_expert.sum().item() == 10 * tiny_config.num_experts_per_tok
+
+
+def _moe_input_grad(moe: MoE, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_()
+    y, _ = moe(x)
+    (y * grad_out).sum().backward()
+    return x.grad
+
+
+def test_input_gradient_matches_the_per_token_loop(tiny_config):
+    """The dispatch's own backward (gather the K copies' gradients, sum over k) is the autograd gradient."""
+    moe = MoE(tiny_config).train()
+    moe.reset_parameters(std=0.2)
+    x = torch.randn(2, 9, tiny_config.hidden_size)
+    grad_out = torch.randn_like(x)
+    ex, expected = moe.experts, []
+    for x_D, g_D in zip(x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, x.shape[-1]), strict=True):
+        x_D = x_D.detach().requires_grad_()
+        weights_K, idx_K = (t[0] for t in moe.gate(x_D[None])[:2])
+        out = moe.shared_experts(x_D)
+        for w, e in zip(weights_K, idx_K, strict=True):
+            out = out + w * (ex.w2[e] @ (F.silu(ex.w1[e] @ x_D) * (ex.w3[e] @ x_D)))
+        expected.append(torch.autograd.grad((out * g_D).sum(), x_D)[0])
+    got = _moe_input_grad(moe, x, grad_out)
+    torch.testing.assert_close(got.reshape(-1, x.shape[-1]), torch.stack(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_backward_is_bitwise_reproducible_without_deterministic_mode(tiny_config):
+    """Autograd's scatter-add backward of ``x[order // K]`` adds a token's K gradients in thread order: on 2 CPU
+    threads two identical backwards differed in every trial. The dispatch's gather + sum does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        moe = MoE(tiny_config).train()
+        moe.reset_parameters(std=0.2)
+        x = torch.randn(16, 256, tiny_config.hidden_size)
+        grad_out = torch.randn_like(x)
+        first = _moe_input_grad(moe, x, grad_out)
+        assert all(torch.equal(first, _moe_input_grad(moe, x, grad_out)) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)

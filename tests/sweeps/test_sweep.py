@@ -196,7 +196,7 @@ def test_callback_lists_come_from_the_files_a_config_includes():
     key = "trainer.callbacks[ExpertBiasBalancing].init_args.gamma"
     callbacks = trials.resolve_list_flags([str(ROOT / "configs" / "tiny.yaml")], {key: 0.01})["trainer.callbacks"]
     names = [c["class_path"].rsplit(".", 1)[-1] for c in callbacks]
-    assert names[0] == "ExpertBiasBalancing" and names[-1] == "ModelCheckpoint" and len(names) >= 4
+    assert names[0] == "ExpertBiasBalancing" and names[-1] == "BestAndLastCheckpoint" and len(names) >= 4
     assert callbacks[0]["init_args"] == {"gamma": 0.01}
 
 
@@ -526,3 +526,31 @@ def test_dsv3_sweep_reaches_the_sweeps_package(capsys):
         main(["sweep", "--help"])
     assert exit_info.value.code == 0
     assert "usage: dsv3 sweep" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- bad sweep YAMLs
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: x\nspace: [\n", "not valid YAML (while parsing a flow node"),
+        ("- name: x\n- space: {}\n", "a sweep YAML is a mapping of keys (name, base, metric, space, ...), not a list"),
+    ],
+)
+def test_unreadable_sweep_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert sweeps.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dsv3 sweep: error: {path}: ") and message in err[0]
+
+
+def test_a_misspelled_space_key_fails_before_any_trial(tmp_path, capsys):
+    """The real fit parser reads the first trial's flags; a typo in space fails the sweep, not each trial."""
+    path = tmp_path / "typo.yaml"
+    space = {"model.optimizer.init_args.lrr": [1e-3, 3e-3]}
+    raw = {"name": "typo", "out_dir": str(tmp_path / "runs"), "base": {"configs": [str(ROOT / "configs/tiny.yaml")]}}
+    path.write_text(yaml.safe_dump({**raw, "space": space}))
+    assert sweeps.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "dsv3 fit does not accept the trials' flags" in err and "Option 'lrr' is not accepted" in err
+    assert not (tmp_path / "runs" / "typo").exists()  # no trial started
