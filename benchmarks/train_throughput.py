@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import DeepSeekV3, DeepSeekV3Config  # noqa: E402
 from models.parallel.compile import apply_activation_checkpointing, compile_blocks  # noqa: E402
-from models.parallel.mixed_precision import MasterWeightAdamW  # noqa: E402
+from models.parallel.mixed_precision import MasterWeightAdamW, cast_parameters, main_params  # noqa: E402
 
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -91,8 +91,9 @@ def build_ours(config: DeepSeekV3Config, v: Variant, device: torch.device):
     model.to_empty(device=device)
     model.init_weights(buffer_device=device)
     model.train()
-    if v.precision == "master":
-        optimizer = MasterWeightAdamW(model.parameters(), **ADAMW, fp32_grad_accumulation=v.grad_accum > 1)
+    if v.precision == "master":  # what lightning_modules.MasterWeightPrecision does, then its optimizer
+        cast_parameters(model, torch.bfloat16, keep_masters=True)
+        optimizer = MasterWeightAdamW(model.parameters(), **ADAMW)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=device.type == "cuda")
     apply_activation_checkpointing(model, v.ac)
@@ -325,7 +326,8 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        precision=yaml_cfg["trainer"].get("precision", "32-true") if device.type == "cuda" else "32-true",
+        precision=yaml_cfg["trainer"].get("precision") if device.type == "cuda" else None,
+        plugins=[load(p["class_path"])(**p.get("init_args", {})) for p in yaml_cfg["trainer"].get("plugins") or []],
         gradient_clip_val=yaml_cfg["trainer"].get("gradient_clip_val"),
         accumulate_grad_batches=v.grad_accum,
         max_steps=n_steps,
@@ -411,7 +413,7 @@ def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, devi
         for j in range(v.grad_accum):
             losses.append(step(batches[(i * v.grad_accum + j) % n_batches]))
         if args.clip_grad_norm > 0:  # as torchtitan's trainer (max_norm 1.0) and the Lightning path do
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(main_params(optimizer), args.clip_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i == args.warmup + args.steps - 3 and profiling:

@@ -42,12 +42,14 @@ class ExpertBiasBalancing(Callback):
     layers are summed over every rank with one all-reduce (shared with ``MoELoadMonitor``, see
     ``callbacks.moe_stats``), the biases move by ``gamma * sign(mean_load - load_i)`` in float32, and the
     counts are reset. The biases are persistent buffers of the model, so checkpoints carry them; the tokens
-    seen (for ``freeze_after_tokens``) are this callback's state. No host synchronisation per step.
+    seen (for ``freeze_after_tokens``) are the LitModule's ``tokens_seen``, the count every schedule reads.
+    No host synchronisation per step.
 
     Args:
         gamma: Bias update speed gamma (report: 0.001).
-        freeze_after_tokens: Stop updating (gamma = 0) once this many training tokens have been seen, as the
-            report does for its last 500B tokens; ``None`` never freezes.
+        freeze_after_tokens: Update only while ``pl_module.tokens_seen`` (after the step) is at most this, then
+            gamma = 0: the report's 0.001 for the first 14.3T tokens and 0 for the last 500B. ``None`` never
+            freezes.
         center: Mean-centre each layer's update (the report does not).
     """
 
@@ -59,13 +61,16 @@ class ExpertBiasBalancing(Callback):
         self.gamma = gamma
         self.freeze_after_tokens = freeze_after_tokens
         self.center = center
-        self.tokens_seen: torch.Tensor | int = 0  # a device tensor while training: no per-step .item()
         self.num_updates = 0
         self._tracker = moe_stats.OptimizerStepTracker()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tracker.reset(trainer)
         moe_stats.clear(pl_module)
+        if self.freeze_after_tokens is not None and not hasattr(pl_module, "tokens_seen"):
+            raise ValueError(
+                "ExpertBiasBalancing.freeze_after_tokens reads pl_module.tokens_seen (DeepSeekV3LitModule)"
+            )
         for _, moe in moe_stats.moe_layers(pl_module):
             if moe.gate.e_score_correction_bias.dtype != torch.float32:
                 rank_zero_warn(
@@ -82,29 +87,23 @@ class ExpertBiasBalancing(Callback):
             return
         loads = moe_stats.step_loads(trainer, pl_module)
         layers = [moe for _, moe in moe_stats.moe_layers(pl_module)]
-        self.update(layers, loads.counts_LE)
+        frozen = self.freeze_after_tokens is not None and pl_module.tokens_seen > self.freeze_after_tokens
+        self.update(layers, loads.counts_LE, gamma=0.0 if frozen else self.gamma)
 
     @torch.no_grad()
-    def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor) -> None:
-        """Apply one bias update from the global (L, E) counts of a step, and count its tokens.
-
-        The step's tokens are read from the first layer (each token is routed to K experts there).
-        """
-        tokens_before = self.tokens_seen
-        self.tokens_seen = tokens_before + counts_LE[0].double().sum() / moe_layers[0].gate.top_k
-        gamma = self.gamma
-        if self.freeze_after_tokens is not None:
-            active = torch.as_tensor(tokens_before, device=counts_LE.device) < self.freeze_after_tokens
-            gamma = active.float() * self.gamma
+    def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor, gamma: float | None = None) -> None:
+        """Apply one bias update from the global (L, E) counts of a step (``gamma`` None: ``self.gamma``)."""
+        self.num_updates += 1
+        gamma = self.gamma if gamma is None else gamma
+        if gamma == 0:
+            return
         delta_LE = bias_update(counts_LE, gamma, self.center)
         for moe, delta_E in zip(moe_layers, delta_LE, strict=True):
             bias = moe.gate.e_score_correction_bias
             bias.copy_(bias.float() + delta_E)
-        self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": int(round(float(self.tokens_seen))), "num_updates": self.num_updates}
+        return {"num_updates": self.num_updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tokens_seen = int(state_dict["tokens_seen"])
         self.num_updates = int(state_dict["num_updates"])

@@ -8,6 +8,7 @@ one forward, the loss the model returns, ``self.log`` of tensors (no host sync).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +18,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
 from models import DeepSeekV3, DeepSeekV3Config
+from models.hf_checkpoint import load_hf_weights, read_hf_config
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
+from models.parallel.mixed_precision import main_params
 from models.rope import rope_freqs_cis
 
 # Fields that change a parameter's shape: a checkpoint with other values cannot be loaded.
@@ -43,24 +47,55 @@ SHAPE_FIELDS = (
 
 
 def build_config(
-    preset: str, overrides: dict[str, Any] | None = None, vocab_size: int | None = None
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    init_from: str | None = None,
 ) -> DeepSeekV3Config:
-    """The model config: a named preset, then ``overrides``, then the data's ``vocab_size`` (when linked)."""
+    """The model config: a named preset (or ``init_from``'s config), then ``overrides``, then the data's ``vocab_size``.
+
+    With ``init_from`` the checkpoint fixes the shape: ``overrides`` may change other fields only (YaRN, loss
+    weights, ...), and the tokenizer may be smaller than the checkpoint's (padded) vocabulary, not larger.
+    """
     overrides = dict(overrides or {})
+    base = config_from_source(init_from) if init_from else DeepSeekV3Config.from_preset(preset)
     if vocab_size is not None:
         if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
             raise ValueError(
                 f"model.overrides.vocab_size={overrides['vocab_size']} disagrees with the tokenizer's vocab_size="
                 f"{vocab_size} (linked from data.vocab_size); remove vocab_size from model.overrides"
             )
-        overrides["vocab_size"] = vocab_size
-    known = DeepSeekV3Config.from_preset(preset).to_dict()
+        if init_from and vocab_size > base.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens (data.vocab_size) but model.init_from {init_from} embeds "
+                f"{base.vocab_size}; use the checkpoint's tokenizer (data.tokenizer)"
+            )
+        if not init_from:
+            overrides["vocab_size"] = vocab_size
+    known = base.to_dict()
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(
             f"unknown keys {unknown} in model.overrides; valid keys are DeepSeekV3Config fields: {sorted(known)}"
         )
-    return DeepSeekV3Config.from_preset(preset, **overrides)
+    reshaped = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != known[k]]
+    if init_from and reshaped:
+        raise ValueError(
+            "model.overrides change the shape of the model.init_from checkpoint ("
+            + "; ".join(f"{k}: {overrides[k]!r}, checkpoint {known[k]!r}" for k in reshaped)
+            + "); the shape comes from the checkpoint, so remove these keys"
+        )
+    return DeepSeekV3Config.from_dict({**known, **overrides})
+
+
+def data_parallel_size(trainer: Any) -> int:
+    """Ranks that each read their own batch: the strategy's sampler replicas (its "dp" size), else the world size.
+
+    Under expert or pipeline parallelism the world is larger than the data-parallel group, so tokens are counted
+    with this, not with ``trainer.world_size``.
+    """
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", trainer.world_size))
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -92,6 +127,13 @@ class DeepSeekV3LitModule(LightningModule):
         compile: ``torch.compile`` each transformer block (``models.parallel.compile_blocks``); on GPUs.
         activation_checkpointing: ``none``, ``selective`` (keep matmul/attention outputs, recompute the rest) or
             ``full`` (keep block inputs only): trades recompute for memory, for larger micro-batches.
+        init_from: Start from these weights: a Hugging Face folder of a DeepSeek-V3/Moonlight-shaped model
+            (``config.json`` + safetensors, DeepSeek's FP8 block-scaled release included) or a dsv3 ``.ckpt``.
+            The model config comes from it (``preset`` is not used; ``overrides`` may change non-shape fields,
+            e.g. YaRN for a context extension); the optimizer, LR schedule and ``tokens_seen`` start fresh.
+        mtp_loss_weight_after_tokens: The MTP loss weight by tokens seen, ``{tokens: weight}``: from each key on,
+            its weight; before the first, ``mtp_loss_weight`` of the config (report: 0.3, then
+            ``{10_000_000_000_000: 0.1}``).
     """
 
     def __init__(
@@ -104,13 +146,20 @@ class DeepSeekV3LitModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: str = "none",
+        init_from: str | None = None,
+        mtp_loss_weight_after_tokens: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"model.activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
             )
-        self.config = build_config(preset, overrides, vocab_size)
+        if any(t < 0 or w < 0 for t, w in (mtp_loss_weight_after_tokens or {}).items()):
+            raise ValueError(
+                "model.mtp_loss_weight_after_tokens needs tokens >= 0 and weights >= 0, got "
+                f"{mtp_loss_weight_after_tokens}"
+            )
+        self.config = build_config(preset, overrides, vocab_size, init_from)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -123,6 +172,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
+        # Global training tokens (all data-parallel ranks): the one count the schedules, the bias callback's
+        # freeze, the batch ramp, checkpoints and logs read.
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -141,6 +192,8 @@ class DeepSeekV3LitModule(LightningModule):
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
+        if self.hparams.init_from:  # on a resume the checkpoint's weights replace these right after
+            load_source_weights(model, self.hparams.init_from)
         apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
         if self.hparams.compile:
             compile_blocks(model)
@@ -156,17 +209,25 @@ class DeepSeekV3LitModule(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
-        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        mtp_weight = self.mtp_loss_weight()
+        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False, mtp_loss_weight=mtp_weight)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/ce_loss", out.ce_loss)
         if out.mtp_loss is not None:
             self.log("train/mtp_loss", out.mtp_loss)
+            self.log("train/mtp_loss_weight", mtp_weight)
         if out.balance_loss is not None:
             self.log("train/balance_loss", out.balance_loss)
-        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * data_parallel_size(self.trainer)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out.loss
+
+    def mtp_loss_weight(self) -> float:
+        """The MTP loss weight at ``tokens_seen`` (``mtp_loss_weight_after_tokens``)."""
+        return value_after_tokens(
+            self.config.mtp_loss_weight, self.hparams.mtp_loss_weight_after_tokens, self.tokens_seen
+        )
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -217,6 +278,13 @@ class DeepSeekV3LitModule(LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step the schedule; a token-driven one (``WarmupStableCosineLR``) gets ``tokens_seen``."""
+        if isinstance(scheduler, WarmupStableCosineLR):
+            scheduler.step(self.tokens_seen)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
+
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
@@ -229,7 +297,8 @@ class DeepSeekV3LitModule(LightningModule):
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
             norm = wrapped.clip_grad_norm_(max_norm)
         else:  # plain tensors or DTensors (FSDP2), whose norm torch reduces itself
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            # The gradients the step applies: MasterWeightAdamW's fp32 sums after accumulation.
+            params = [p for p in main_params(optimizer) if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -293,6 +362,36 @@ def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str
             logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
         elif extra:  # other loggers already got Lightning's own record; only the extra values are new
             logger.log_hyperparams(hparams)
+
+
+def config_from_source(init_from: str) -> DeepSeekV3Config:
+    """``model.init_from``'s model config: an HF folder's ``config.json``, a dsv3 checkpoint's ``model_config``."""
+    path = Path(init_from)
+    if path.is_dir():
+        return read_hf_config(path)
+    if path.is_file():
+        return DeepSeekV3Config.from_dict(_source_checkpoint(path)["model_config"])
+    raise ValueError(
+        f"model.init_from {init_from}: no such folder or file; give a Hugging Face checkpoint folder (config.json + "
+        "safetensors) or a .ckpt written by dsv3 fit"
+    )
+
+
+def load_source_weights(model: DeepSeekV3, init_from: str) -> None:
+    """Copy ``model.init_from``'s weights (and expert biases) into an allocated ``model`` of its shape."""
+    path = Path(init_from)
+    if path.is_dir():
+        load_hf_weights(model, path)
+        return
+    state = _source_checkpoint(path)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+
+
+def _source_checkpoint(path: Path) -> dict[str, Any]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "model_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"model.init_from {path}: not a dsv3 checkpoint (no 'model_config'/'state_dict')")
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> DeepSeekV3:

@@ -159,7 +159,11 @@ class DeepSeekV3(nn.Module):
         return freqs.real, freqs.imag
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+        mtp_loss_weight: float | None = None,
     ) -> DeepSeekV3Output:
         """Run the model.
 
@@ -168,6 +172,8 @@ class DeepSeekV3(nn.Module):
             labels: (B, S) next-token targets (input_ids shifted by one); -100 is ignored. With labels the
                 output carries the losses, and the MTP depths are run.
             return_logits: Return the (B, S, V) logits; set False to save memory when only the loss is needed.
+            mtp_loss_weight: Weight of the MTP loss in ``loss`` (None: ``config.mtp_loss_weight``); the training
+                loop passes its schedule's value (the report: 0.3, then 0.1).
 
         Returns:
             DeepSeekV3Output.
@@ -193,7 +199,8 @@ class DeepSeekV3(nn.Module):
         if len(self.mtp) > 0:
             mtp_losses = self._mtp_forward(h, input_ids, labels, cos, sin, aux_losses, out, return_logits)
             out.mtp_loss = torch.stack(mtp_losses).mean()
-            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+            weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+            out.loss = out.loss + weight * out.mtp_loss
         if aux_losses:
             out.balance_loss = torch.stack(aux_losses).sum()
             out.loss = out.loss + out.balance_loss

@@ -19,7 +19,6 @@ ON_THIS_MACHINE = [
     "--trainer.devices=1",
     "--trainer.num_nodes=1",
     "--trainer.strategy=auto",
-    "--trainer.precision=32-true",
     "--data.path=text",
     "--data.name=null",
     "--data.tokenizer=null",

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lightning_modules import DeepSeekV3LitModule
+from lightning_modules import DeepSeekV3LitModule, MasterWeightPrecision
 from models.parallel import MasterWeightAdamW
 from tests.lightning_modules.conftest import ROOT, SMALL_MODEL
 
@@ -28,10 +28,13 @@ def test_activation_checkpointing_option_keeps_names_and_trains():
 def test_master_weight_optimizer_from_the_module_groups():
     module = DeepSeekV3LitModule(overrides=SMALL_MODEL, optimizer=lambda p: MasterWeightAdamW(p, lr=1e-3))
     module.configure_model()
+    MasterWeightPrecision().convert_module(module)  # what the Trainer does before configure_optimizers
     optimizer = module.configure_optimizers()
-    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
-    assert module.model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    gate = module.model.moe_layers()[0].gate
+    assert all(p.dtype == torch.bfloat16 for n, p in module.named_parameters() if ".gate." not in n)
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
     assert [g.get("weight_decay", 1e-2) for g in optimizer.param_groups] == [1e-2, 0.0]
+    assert all("master" in optimizer.state[p] for p in optimizer.param_groups[1]["params"])  # bf16 norms
 
 
 def test_bench_yaml_resolves_the_fast_path():
@@ -40,4 +43,5 @@ def test_bench_yaml_resolves_the_fast_path():
     printed = subprocess.run(cmd, cwd=ROOT, capture_output=True)
     assert printed.returncode == 0, printed.stderr.decode()
     out = printed.stdout.decode()
-    assert "models.parallel.MasterWeightAdamW" in out and "compile: true" in out and "precision: 32-true" in out
+    assert "models.parallel.MasterWeightAdamW" in out and "compile: true" in out
+    assert "class_path: lightning_modules.MasterWeightPrecision" in out and "precision: null" in out
