@@ -6,6 +6,7 @@ Pure PyTorch: parallelism is applied from outside (``models/parallel``), never r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -179,12 +180,30 @@ class DeepSeekV3(nn.Module):
             DeepSeekV3Output.
         """
         cos, sin = self._rope(input_ids.shape[1])
-        h = self.embed(input_ids)  # (B, S, D)
-        aux_losses = []
-        for layer in self.layers:
-            h, aux = layer(h, cos, sin)
-            if aux is not None:
-                aux_losses.append(aux)
+        h, aux_losses = run_blocks(self.layers, self.embed(input_ids), cos, sin)
+        return self.head_and_losses(h, input_ids, labels, cos, sin, aux_losses, return_logits)
+
+    def head_and_losses(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        aux_losses: list[torch.Tensor],
+        return_logits: bool = True,
+    ) -> DeepSeekV3Output:
+        """The part of ``forward`` after the main blocks: final norm, head, CE, the MTP depths and the total loss.
+
+        Args:
+            h: (B, S, D) output of the last main block.
+            input_ids, labels, return_logits: As in ``forward``.
+            cos, sin: RoPE tables of the S positions.
+            aux_losses: Balance losses of the main blocks (summed into ``balance_loss``; the MTP blocks' are added).
+
+        Returns:
+            DeepSeekV3Output.
+        """
         out = DeepSeekV3Output()
         if labels is not None and not return_logits:
             # Training path: head + CE fused and chunked, the (B, S, V) logits never materialised.
@@ -268,6 +287,18 @@ class DeepSeekV3(nn.Module):
             losses.append(_cross_entropy(logits, labels[:, k:]))
             out.mtp_logits.append(logits)
         return losses
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run main blocks in order on (B, S, D) states: the output states and the blocks' balance losses."""
+    aux_losses = []
+    for block in blocks:
+        h, aux = block(h, cos, sin)
+        if aux is not None:
+            aux_losses.append(aux)
+    return h, aux_losses
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,12 @@ _SAVE_OPS = {
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a DeepSeekV3: ``model.layers`` then each MTP module's ``block``."""
-    return list(model.layers) + [module.block for module in model.mtp]
+    """The transformer blocks of a DeepSeekV3: ``model.layers`` then each MTP module's ``block``.
+
+    A pipeline rank's pruned model keeps its layers in a ``ModuleDict`` keyed by layer index (``parallel.pipeline``).
+    """
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    return list(layers) + [module.block for module in model.mtp]
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ANN001
