@@ -181,7 +181,7 @@ class DeepSeekV3(nn.Module):
         """
         cos, sin = self._rope(input_ids.shape[1])
         h, aux_losses = run_blocks(self.layers, self.embed(input_ids), cos, sin)
-        return self.head_and_losses(h, input_ids, labels, cos, sin, aux_losses, return_logits)
+        return self.head_and_losses(h, input_ids, labels, cos, sin, aux_losses, return_logits, mtp_loss_weight)
 
     def head_and_losses(
         self,
@@ -192,12 +192,13 @@ class DeepSeekV3(nn.Module):
         sin: torch.Tensor,
         aux_losses: list[torch.Tensor],
         return_logits: bool = True,
+        mtp_loss_weight: float | None = None,
     ) -> DeepSeekV3Output:
         """The part of ``forward`` after the main blocks: final norm, head, CE, the MTP depths and the total loss.
 
         Args:
             h: (B, S, D) output of the last main block.
-            input_ids, labels, return_logits: As in ``forward``.
+            input_ids, labels, return_logits, mtp_loss_weight: As in ``forward``.
             cos, sin: RoPE tables of the S positions.
             aux_losses: Balance losses of the main blocks (summed into ``balance_loss``; the MTP blocks' are added).
 
