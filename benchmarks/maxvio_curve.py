@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import Logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks import ExpertBiasBalancing, MoELoadMonitor, ThroughputMonitor  # noqa: E402
+from callbacks import ExpertBiasBalancing, MoECounts, MoELoadMonitor, ThroughputMonitor  # noqa: E402
 from models import DeepSeekV3, DeepSeekV3Config  # noqa: E402
 
 RUNS = ("with_balancing", "without_balancing")
@@ -40,6 +40,7 @@ class _Module(pl.LightningModule):
     def __init__(self, config: DeepSeekV3Config, lr: float) -> None:
         super().__init__()
         self.model = DeepSeekV3(config)
+        self.moe_counts = MoECounts(self.model)  # read by the MoE callbacks
         self.lr = lr
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def run(config: DeepSeekV3Config, batches: torch.Tensor, balance: bool, args: ar
     module = _Module(config, args.lr)
     recorder = _Recorder()
     callbacks = [
-        MoELoadMonitor(log_every_n_steps=1, image_every_n_steps=10**9, router_entropy=False),
+        MoELoadMonitor(log_every_n_steps=1, image_every_n_steps=10**9),
         ThroughputMonitor(log_every_n_steps=100),
     ]
     if balance:

@@ -9,8 +9,9 @@ measured step time and ``--peak-tflops``, the same for every implementation.
 Implementations (``--impl``, comma-separated):
   ours            DeepSeekV3: bf16 params + fp32-master fused AdamW, fused chunked head+CE, cuDNN attention,
                   per-block torch.compile with --compile (``--precision autocast`` for fp32 params + autocast).
-  ours-lightning  DeepSeekV3LitModule under a Lightning Trainer with --lightning-config's precision, gradient
-                  clipping and optimizer (configs/bench-1gpu.yaml: MasterWeightAdamW, clip 1.0).
+  ours-lightning  what `dsv3 fit --config <--lightning-config>` builds (DSV3CLI's own parser: Trainer, precision,
+                  clipping, DeepSeekV3LitModule, optimizer, callbacks; configs/bench-1gpu.yaml: MasterWeightAdamW,
+                  clip 1.0), on random tokens, no validation, checkpointing or logger.
   torchtitan      torchtitan 0.2.2's DeepSeekV3Model built from the same preset, compiled per block as its
                   ``apply_compile`` does (and its compiled loss), bf16 autocast + fused AdamW as its trainer.
   transformers    transformers' DeepseekV3ForCausalLM (sdpa attention, its default experts), fp32 params +
@@ -19,7 +20,8 @@ Implementations (``--impl``, comma-separated):
 Example (one H200):
   python benchmarks/train_throughput.py --preset bench-1gpu --micro-batch 4 --compile \
       --impl ours,torchtitan,transformers --out bench_out
-CPU smoke run (seconds): python benchmarks/train_throughput.py --device cpu --preset tiny --seq-len 64 --steps 2
+CPU smoke run (seconds): python benchmarks/train_throughput.py --device cpu --preset tiny --seq-len 64 --steps 2 \
+      --impl ours,ours-lightning
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -265,35 +270,73 @@ def build_transformers(config: DeepSeekV3Config, v: Variant, device: torch.devic
     return model, optimizer, step
 
 
-def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> Result:
-    """The user path: DeepSeekV3LitModule under a Lightning Trainer, configured from ``--lightning-config``.
+class RandomTokens(LightningDataModule):
+    """The benchmark's data under the config's ``data:`` keys: random (B, S+1) token rows, 4 x B of them cycled,
+    as the other peers get (the corpus and tokenizer keys of ``PretrainDataModule`` are not read)."""
 
-    Takes the YAML's trainer precision, gradient clipping and optimizer; step times are CUDA events at the start of
-    each optimizer step's first micro-batch (the Trainer's own loop, logging and clipping included).
-    """
-    import importlib
+    def __init__(
+        self,
+        vocab_size: int = 32768,
+        seq_len: int = 4096,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        val_batches: int = 0,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
 
-    import yaml
-    from lightning.pytorch import Callback, Trainer
-    from torch.utils.data import DataLoader
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randint(0, self.vocab_size, (4 * self.batch_size, self.seq_len + 1), generator=gen)
+        return DataLoader(_Cycle(rows), batch_size=self.batch_size, pin_memory=True)
 
-    from lightning_modules import DeepSeekV3LitModule
 
-    def load(class_path: str) -> type:
-        module_name, cls_name = class_path.rsplit(".", 1)
-        return getattr(importlib.import_module(module_name), cls_name)
+class _Cycle(IterableDataset):
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
 
-    yaml_cfg = yaml.safe_load(Path(args.lightning_config).read_text())
-    opt = yaml_cfg["model"]["optimizer"]
-    opt_cls, opt_kwargs = load(opt["class_path"]), opt.get("init_args", {})
-    # The YAML's training callbacks (bias balancing, load monitor, throughput) run too; checkpointing does not.
-    callbacks = [
-        load(c["class_path"])(**c.get("init_args", {}))
-        for c in yaml_cfg["trainer"].get("callbacks", [])
-        if not c["class_path"].endswith("ModelCheckpoint")
-    ]
+    def __iter__(self):  # noqa: ANN204
+        return itertools.cycle(self.rows)
+
+
+def lightning_cli_args(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> list:
+    """``dsv3 fit`` flags on top of ``--lightning-config``: the variant's shape and steps, no logger, no validation,
+    and the config's ModelCheckpoint (the last callback) kept but writing nothing."""
+    flags = {
+        "model.preset": args.preset,
+        "model.compile": v.compile,
+        "model.activation_checkpointing": v.ac,
+        "data.vocab_size": config.vocab_size,  # the preset's vocabulary, as the other peers
+        "data.seq_len": args.seq_len,
+        "data.batch_size": v.micro_batch,
+        "trainer.accumulate_grad_batches": v.grad_accum,
+        "trainer.max_steps": args.warmup + args.steps,
+        "trainer.logger": False,
+        "trainer.limit_val_batches": 0,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "trainer.callbacks.init_args.save_top_k": 0,
+        "trainer.callbacks.init_args.save_last": False,
+    }
+    if args.preset == "tiny":
+        flags["model.overrides"] = json.dumps({"max_position_embeddings": args.seq_len})
     if device.type != "cuda":
-        opt_kwargs = {k: val for k, val in opt_kwargs.items() if k != "fused"}
+        flags.update({"trainer.accelerator": "cpu", "trainer.devices": 1})  # the YAML's precision, on the CPU
+    return ["--config", args.lightning_config, *(f"--{k}={v}" for k, v in flags.items())]
+
+
+def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> Result:
+    """The user path: what ``dsv3 fit --config <--lightning-config>`` builds, through the CLI's own parser.
+
+    Trainer (precision, gradient clipping), ``DeepSeekV3LitModule`` (optimizer, schedule, compile) and the config's
+    callbacks come from ``DSV3CLI(run=False)``, with ``lightning_cli_args``' flags on top; the data are random
+    tokens (``RandomTokens``). Step times are CUDA events at the start of each optimizer step's first micro-batch
+    (the Trainer's own loop, callbacks, logging and clipping included).
+    """
+    from lightning.pytorch import Callback
+
+    from lightning_modules.cli import DSV3CLI
+
     result, timer = Result(v), _Timer(device)
     t0 = time.perf_counter()
 
@@ -311,38 +354,16 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
         def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
             timer.mark()
 
-    module = DeepSeekV3LitModule(
-        preset=args.preset,
-        overrides={"max_position_embeddings": args.seq_len} if args.preset == "tiny" else None,
-        seq_len=args.seq_len,
-        optimizer=lambda params: opt_cls(params, **opt_kwargs),
-        compile=v.compile,
-        activation_checkpointing=v.ac,
+    cli = DSV3CLI(
+        args=lightning_cli_args(config, v, args, device),
+        run=False,
+        datamodule_class=RandomTokens,
+        trainer_defaults={"callbacks": [StepTimer()]},  # appended to the config's callbacks
     )
-    n_steps = args.warmup + args.steps
-    gen = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, config.vocab_size, (4 * v.micro_batch, args.seq_len + 1), generator=gen)
-    loader = DataLoader(list(rows) * (n_steps * v.grad_accum // 4 + 1), batch_size=v.micro_batch, pin_memory=True)
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        precision=yaml_cfg["trainer"].get("precision") if device.type == "cuda" else None,
-        plugins=[load(p["class_path"])(**p.get("init_args", {})) for p in yaml_cfg["trainer"].get("plugins") or []],
-        gradient_clip_val=yaml_cfg["trainer"].get("gradient_clip_val"),
-        accumulate_grad_batches=v.grad_accum,
-        max_steps=n_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[*callbacks, StepTimer()],
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     times = timer.intervals_ms()[args.warmup :]
     _fill(result, times, config, v, args, device)
-    result.loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    result.loss = float(cli.trainer.callback_metrics.get("train/loss", float("nan")))
     return result
 
 

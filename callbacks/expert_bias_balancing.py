@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks import moe_stats
+from callbacks.moe_counts import moe_counts_of
+from callbacks.optimizer_step import OptimizerStepTracker
 from models.moe import MoE
 
 
@@ -39,11 +40,11 @@ class ExpertBiasBalancing(Callback):
     """Move every MoE gate's ``e_score_correction_bias`` after each optimizer step (aux-loss-free balancing).
 
     After each optimizer step (once per gradient-accumulation cycle) the per-expert token counts of all MoE
-    layers are summed over every rank with one all-reduce (shared with ``MoELoadMonitor``, see
-    ``callbacks.moe_stats``), the biases move by ``gamma * sign(mean_load - load_i)`` in float32, and the
-    counts are reset. The biases are persistent buffers of the model, so checkpoints carry them; the tokens
-    seen (for ``freeze_after_tokens``) are the LitModule's ``tokens_seen``, the count every schedule reads.
-    No host synchronisation per step.
+    layers are summed over the data-parallel ranks with one all-reduce (``pl_module.moe_counts``, shared with
+    ``MoELoadMonitor``, see ``callbacks.moe_counts``), the biases move by ``gamma * sign(mean_load - load_i)``
+    in float32, and the counts are reset. The biases are persistent buffers of the model, so checkpoints carry
+    them; the tokens seen (for ``freeze_after_tokens``) are the LitModule's ``tokens_seen``, the count every
+    schedule reads. No host synchronisation per step.
 
     Args:
         gamma: Bias update speed gamma (report: 0.001).
@@ -62,19 +63,20 @@ class ExpertBiasBalancing(Callback):
         self.freeze_after_tokens = freeze_after_tokens
         self.center = center
         self.num_updates = 0
-        self._tracker = moe_stats.OptimizerStepTracker()
+        self._tracker = OptimizerStepTracker()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tracker.reset(trainer)
-        moe_stats.clear(pl_module)
+        counts = moe_counts_of(pl_module, type(self).__name__)
+        counts.reset()
         if self.freeze_after_tokens is not None and not hasattr(pl_module, "tokens_seen"):
             raise ValueError(
                 "ExpertBiasBalancing.freeze_after_tokens reads pl_module.tokens_seen (DeepSeekV3LitModule)"
             )
-        for _, moe in moe_stats.moe_layers(pl_module):
-            if moe.gate.e_score_correction_bias.dtype != torch.float32:
+        for gate in counts.gates:
+            if gate.e_score_correction_bias.dtype != torch.float32:
                 rank_zero_warn(
-                    f"e_score_correction_bias is {moe.gate.e_score_correction_bias.dtype}, not float32: bias steps of "
+                    f"e_score_correction_bias is {gate.e_score_correction_bias.dtype}, not float32: bias steps of "
                     f"gamma={self.gamma} may round away. Keep the gate buffers in float32 (use mixed precision, "
                     "not a *-true precision, or cast them back in configure_model)."
                 )
@@ -85,10 +87,9 @@ class ExpertBiasBalancing(Callback):
     ) -> None:
         if not self._tracker.stepped(trainer):
             return
-        loads = moe_stats.step_loads(trainer, pl_module)
-        layers = [moe for _, moe in moe_stats.moe_layers(pl_module)]
+        counts = moe_counts_of(pl_module, type(self).__name__)
         frozen = self.freeze_after_tokens is not None and pl_module.tokens_seen > self.freeze_after_tokens
-        self.update(layers, loads.counts_LE, gamma=0.0 if frozen else self.gamma)
+        self.update(counts.layers, counts.step_counts(trainer.global_step), gamma=0.0 if frozen else self.gamma)
 
     @torch.no_grad()
     def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor, gamma: float | None = None) -> None:

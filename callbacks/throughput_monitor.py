@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks import moe_stats
+from callbacks.optimizer_step import OptimizerStepTracker
 
 # Dense bf16 matmul FLOP/s measured on one H200 in this project (the datasheet says 989.5e12).
 H200_BF16_PEAK_FLOPS = 791e12
@@ -54,7 +54,7 @@ class ThroughputMonitor(Callback):
             raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device) or None, got {peak_flops}")
         self.log_every_n_steps = log_every_n_steps
         self.peak_flops = peak_flops
-        self._tracker = moe_stats.OptimizerStepTracker()
+        self._tracker = OptimizerStepTracker()
         self._reset_window()
         self._t_last: float | None = None
         self._started = False

@@ -11,17 +11,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.config_include import PARSER_MODE, expand_config_args
 from lightning_modules.module import (
     DeepSeekV3LitModule,
     checkpoint_from_model,
@@ -43,7 +47,8 @@ commands:
   sweep       hyperparameter sweep: dsv3 sweep --help
 
 Each command has --help; fit/validate/test also take --print_config to show the full resolved config.
-Configs compose: --config a.yaml --config b.yaml (last wins), then flags like --model.overrides.hidden_size 256.
+Configs compose: a config's include: [base/...] files first, --config a.yaml --config b.yaml (last wins), then
+flags like --model.overrides.hidden_size 256.
 """
 
 # Checkpoint names Lightning resolves itself (not files).
@@ -64,6 +69,9 @@ class DSV3CLI(LightningCLI):
     """LightningCLI with the DeepSeek-V3 module, the pretraining datamodule and linked hyperparameters.
 
     * ``data.vocab_size`` and ``data.seq_len`` feed ``model.vocab_size``/``model.seq_len`` (set them once).
+    * A config file's ``include: [...]`` files are read before it (``lightning_modules.config_include``).
+    * A ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the logger, the same
+      folder for every version, so that ``--ckpt_path last`` finds it from a new run.
     * ``--ckpt_path FILE``: the checkpoint's model hyperparameters become defaults, and what the command line
       and config files say still wins (plain LightningCLI lets the checkpoint override explicit flags).
     * Checkpoints are written atomically (``AtomicCheckpointIO``) unless a config picks another CheckpointIO.
@@ -76,7 +84,7 @@ class DSV3CLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Hyperparameters are the module's own init args (with linked values), not the raw parsed config.
         kwargs.setdefault("load_from_checkpoint_support", False)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "parser_mode": PARSER_MODE})
         # The optimizer and schedule live under model: (injected callables), not as top-level keys too.
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
@@ -90,8 +98,17 @@ class DSV3CLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._raw_args = args
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            self._raw_args = args
+            super().parse_arguments(parser, args)
+            return
+        # The command line with each config's include files spelled out as --config flags before it.
+        self._raw_args = expand_config_args(sys.argv[1:] if args is None else args)
+        self.config = parser.parse_args(self._raw_args)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        default_checkpoint_dirpath(config.get("trainer"))
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -111,13 +128,35 @@ class DSV3CLI(LightningCLI):
             return
         # The checkpoint's model becomes the default; config files and flags parsed on top of it win.
         self._subcommand_parsers[subcommand].set_defaults({f"model.{k}": v for k, v in saved.items()})
-        super().parse_arguments(self.parser, self._raw_args)
+        self.parse_arguments(self.parser, self._raw_args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def default_checkpoint_dirpath(trainer: Any) -> None:
+    """Give each ``ModelCheckpoint`` of a parsed trainer config that has no ``dirpath`` the logger's
+    ``<save_dir>/<name>/checkpoints``, one folder for all versions (Lightning's default is inside ``version_N``)."""
+    logger = trainer.get("logger") if trainer else None
+    init = getattr(logger, "init_args", None)
+    save_dir, name = getattr(init, "save_dir", None), getattr(init, "name", None)
+    if save_dir is None or name is None:
+        return
+    for callback in trainer.get("callbacks") or []:
+        init_args = getattr(callback, "init_args", None)
+        if _is_model_checkpoint(getattr(callback, "class_path", "")) and init_args.get("dirpath") is None:
+            init_args.dirpath = os.path.join(save_dir, name, "checkpoints")
+
+
+def _is_model_checkpoint(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")  # a parsed class_path is a full import path
+    try:
+        return issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -215,12 +254,12 @@ def _existing(path: str, flag: str) -> str:
 # ---------------------------------------------------------------------- entry point
 def sweep_main(argv: list[str]) -> int:
     try:
-        from lightning_modules import sweep
+        import sweeps
     except ImportError as err:
         raise UserError(
             f"the sweep tool is unavailable ({err}); install the extra with pip install -e '.[sweep]'"
         ) from err
-    return sweep.main(argv)
+    return sweeps.main(argv)
 
 
 COMMANDS = {"generate": generate_main, "convert": convert_main, "sweep": sweep_main}

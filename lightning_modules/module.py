@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from callbacks.moe_counts import MoECounts
 from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
 from models import DeepSeekV3, DeepSeekV3Config
 from models.hf_checkpoint import load_hf_weights, read_hf_config
@@ -172,6 +173,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.hparams["model_config"] = self.config.to_dict()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.model: DeepSeekV3 | None = None
+        # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
+        self.moe_counts: MoECounts | None = None
         # Global training tokens (all data-parallel ranks): the one count the schedules, the bias callback's
         # freeze, the batch ramp, checkpoints and logs read.
         self.tokens_seen = 0
@@ -198,6 +201,7 @@ class DeepSeekV3LitModule(LightningModule):
         if self.hparams.compile:
             compile_blocks(model)
         self.model = model
+        self.moe_counts = MoECounts(model)  # the default group: every rank is data-parallel here
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any):
         """(B, S) token ids -> ``DeepSeekV3Output``."""

@@ -137,8 +137,11 @@ def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, ba
     return alpha * (f_BE * probs_BE).sum(dim=-1).mean()
 
 
-def _in_backward() -> bool:
-    # Activation checkpointing recomputes the forward inside the backward pass; counting then would double loads.
+def is_recomputing() -> bool:
+    """Whether the current forward runs inside a backward pass: an activation-checkpoint recompute.
+
+    Counting there would double the loads, so ``MoE`` (and the callbacks' gate hooks) skip it.
+    """
     # A compiled block recomputes inside its compiled backward graph, which never replays the buffer update (and
     # the graph-task query would break the graph).
     if torch.compiler.is_compiling():
@@ -195,7 +198,7 @@ class MoE(nn.Module):
         counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, topk_idx_TK.flatten(), torch.ones_like(topk_idx_TK.flatten(), dtype=torch.int32)
         )
-        if self.training and not _in_backward():
+        if self.training and not is_recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += counts_E
         y_TD = self.routed(x_TD, weights_TK, topk_idx_TK, counts_E)

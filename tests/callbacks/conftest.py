@@ -5,17 +5,22 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks import MoECounts
 from models import DeepSeekV3, DeepSeekV3Config
 
 
 class TinyLitModule(pl.LightningModule):
-    """Forward with labels, the model's total loss, AdamW: the part of the LitModule the callbacks rely on."""
+    """Forward with labels, the model's total loss, AdamW, ``moe_counts``: the part of the LitModule the callbacks
+    rely on."""
 
     def __init__(self, config: DeepSeekV3Config, lr: float = 1e-3) -> None:
         super().__init__()
         self.model = DeepSeekV3(config)
+        self.moe_counts = MoECounts(self.model)  # what the MoE callbacks read
         self.lr = lr
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -68,3 +73,24 @@ def loader_factory():
 @pytest.fixture
 def trainer_factory():
     return make_trainer
+
+
+def _gloo_rank(rank: int, world_size: int, rdzv: str, out: str, worker, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
+    try:
+        torch.save(worker(rank, *args), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(tmp_path, worker, *args, world_size: int = 2) -> list:
+    """``worker(rank, *args)`` on ``world_size`` gloo CPU processes; returns what each rank's call returned.
+
+    fork, not spawn: the children inherit the imported modules instead of importing torch and lightning again.
+    """
+    rdzv = f"file://{tmp_path}/rdzv"
+    mp.start_processes(
+        _gloo_rank, args=(world_size, rdzv, str(tmp_path), worker, args), nprocs=world_size, start_method="fork"
+    )
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]

@@ -8,17 +8,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from callbacks import ExpertBiasBalancing, moe_stats
+from callbacks import ExpertBiasBalancing, MoECounts
 from callbacks.expert_bias_balancing import bias_update
 from callbacks.moe_load_monitor import max_vio
 from models import DeepSeekV3, DeepSeekV3Config
 from models.moe import Gate
-from tests.callbacks.conftest import TinyLitModule
+from tests.callbacks.conftest import TinyLitModule, run_gloo_ranks
 
 
 def test_bias_update_follows_sign_rule():
@@ -75,32 +72,6 @@ def test_bias_changes_selection_only(tiny_config):
     (w_ref * probe_TK).sum().backward()
     torch.testing.assert_close(w2, w_ref.detach())
     torch.testing.assert_close(grad2, weight.grad)
-
-
-class _Checkpointed(nn.Module):
-    """A block run under non-reentrant activation checkpointing: its forward is recomputed in backward."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
-def test_activation_checkpointing_does_not_double_counts(tiny_config):
-    model = DeepSeekV3(tiny_config)
-    reference = DeepSeekV3(tiny_config)
-    reference.load_state_dict(model.state_dict())
-    for i in range(tiny_config.first_k_dense_replace, tiny_config.num_hidden_layers):
-        model.layers[i] = _Checkpointed(model.layers[i])
-    tokens = torch.randint(0, tiny_config.vocab_size, (2, 17))
-    for m in (model, reference):
-        m(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
-    counts = moe_stats.reduce_and_reset_counts(model.moe_layers())
-    torch.testing.assert_close(counts, moe_stats.reduce_and_reset_counts(reference.moe_layers()))
-    assert counts[0].sum() == 2 * 16 * tiny_config.num_experts_per_tok
-    assert len(moe_stats.find_moe_layers(model)) == 3  # MoE found inside the wrapper
 
 
 class _RecordUpdates(ExpertBiasBalancing):
@@ -170,9 +141,7 @@ def test_checkpoint_keeps_biases_and_state(tmp_path, tiny_config, lit_factory, l
     assert resumed.state_dict() == {"num_updates": 5}
 
 
-def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config, batches: torch.Tensor, out: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
+def _rank_biases(rank: int, config: DeepSeekV3Config, batches: torch.Tensor) -> dict:
     calls = []
     all_reduce = dist.all_reduce
 
@@ -187,28 +156,24 @@ def _rank_biases(rank: int, world_size: int, rdzv: str, config: DeepSeekV3Config
         callback = ExpertBiasBalancing(gamma=0.01)
         for _ in range(2):  # two optimizer steps (no optimizer: only the routing matters here)
             model(batches[rank][:, :-1], labels=batches[rank][:, 1:]).loss.backward()
-            callback.update(model.moe_layers(), moe_stats.reduce_and_reset_counts(model.moe_layers()))
+            callback.update(model.moe_layers(), MoECounts(model).step_counts(0))
         biases = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
-        torch.save({"biases": biases, "calls": calls, "state": callback.state_dict()}, f"{out}/rank{rank}.pt")
+        return {"biases": biases, "calls": calls, "state": callback.state_dict()}
     finally:
         dist.all_reduce = all_reduce
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_with_both_batches(tmp_path, tiny_config):
     batches = torch.randint(0, tiny_config.vocab_size, (2, 2, 17))
-    # fork, not spawn: the children inherit the imported modules instead of importing torch and lightning again.
-    args = (2, f"file://{tmp_path}/rdzv", tiny_config, batches, str(tmp_path))
-    mp.start_processes(_rank_biases, args=args, nprocs=2, join=True, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_gloo_ranks(tmp_path, _rank_biases, tiny_config, batches)
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config)
     callback = ExpertBiasBalancing(gamma=0.01)
     for _ in range(2):
         for batch in batches:
             model(batch[:, :-1], labels=batch[:, 1:]).loss.backward()
-        callback.update(model.moe_layers(), moe_stats.reduce_and_reset_counts(model.moe_layers()))
+        callback.update(model.moe_layers(), MoECounts(model).step_counts(0))
     expected = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
     assert expected.abs().sum() > 0
     for result in ranks:
@@ -236,7 +201,7 @@ def _skewed_run(config: DeepSeekV3Config, balance: bool, steps: int) -> list[flo
         model(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        counts_LE = moe_stats.reduce_and_reset_counts(model.moe_layers())
+        counts_LE = MoECounts(model).step_counts(0)
         vios.append(max_vio(counts_LE).mean().item())
         if balance:
             callback.update(model.moe_layers(), counts_LE)

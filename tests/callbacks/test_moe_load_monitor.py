@@ -1,5 +1,5 @@
-"""MoE load metrics: MaxVio arithmetic, one shared gather whatever the callback order, TensorBoard output,
-router entropy hooks that exist only on logging steps."""
+"""MoE load metrics: MaxVio arithmetic, one shared gather whatever the callback order, TensorBoard output
+(with RouterEntropyMonitor in the same run: its hooks exist only on logging steps)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import ExpertBiasBalancing, MoELoadMonitor, moe_stats
-from callbacks.moe_load_monitor import RouterEntropy, group_share, load_heatmap, max_vio
-from models import DeepSeekV3
+from callbacks import ExpertBiasBalancing, MoECounts, MoELoadMonitor, RouterEntropyMonitor
+from callbacks.moe_load_monitor import group_share, load_heatmap, max_vio
 
 
 def test_max_vio_and_group_share():
@@ -29,28 +28,6 @@ def test_heatmap_colours():
 def test_rejects_bad_intervals():
     with pytest.raises(ValueError, match="log_every_n_steps"):
         MoELoadMonitor(log_every_n_steps=0)
-
-
-def test_router_entropy_matches_categorical(tiny_config):
-    model = DeepSeekV3(tiny_config)
-    gates = [moe.gate for moe in model.moe_layers()]
-    captured = []
-    handle = gates[0].register_forward_hook(lambda m, a, out: captured.append(out[2].detach()))
-    hooks = RouterEntropy(gates, torch.device("cpu"))
-    hooks.attach()
-    tokens = torch.randint(0, tiny_config.vocab_size, (2, 9))
-    model(tokens[:, :-1], labels=tokens[:, 1:])
-    model.eval()
-    model(tokens[:, :-1])  # eval passes are not counted
-    entropy_L = hooks.read()
-    handle.remove()
-    scores_TE = captured[0]
-    expected = torch.distributions.Categorical(probs=scores_TE / scores_TE.sum(-1, keepdim=True)).entropy().mean()
-    torch.testing.assert_close(entropy_L[0], expected)
-    assert all(not gate._forward_hooks for gate in gates)
-    # Hooks that saw no token (e.g. compiled blocks, which skip hooks attached after compilation): None, not 0.
-    hooks.attach()
-    assert hooks.read() is None
 
 
 class _Spy(pl.Callback):
@@ -75,31 +52,37 @@ class _CountingBalancing(ExpertBiasBalancing):
 
 
 def _fit(tmp_path, config, lit_factory, loader_factory, trainer_factory, order: str):
-    balancing, monitor, spy = (
+    balancing, monitor, entropy, spy = (
         _CountingBalancing(gamma=0.01),
         MoELoadMonitor(log_every_n_steps=2, image_every_n_steps=4),
+        RouterEntropyMonitor(log_every_n_steps=2),
         _Spy(),
     )
-    callbacks = [balancing, monitor, spy] if order == "balancing_first" else [monitor, balancing, spy]
+    callbacks = [balancing, monitor] if order == "balancing_first" else [monitor, balancing]
     logger = TensorBoardLogger(tmp_path, name=order, version=0)
     gathers = []
-    original = moe_stats.reduce_and_reset_counts
+    reduce = MoECounts.all_reduce
 
-    def counting(*args, **kwargs):
-        gathers.append(1)
-        return original(*args, **kwargs)
+    def counting(self, tensor):
+        gathers.append(tensor.shape)
+        return reduce(self, tensor)
 
-    moe_stats.reduce_and_reset_counts = counting
+    MoECounts.all_reduce = counting
     try:
         torch.manual_seed(0)
         module = lit_factory(config)
-        trainer = trainer_factory(tmp_path, callbacks, max_steps=4, logger=logger, accumulate_grad_batches=2)
+        trainer = trainer_factory(
+            tmp_path, [*callbacks, entropy, spy], max_steps=4, logger=logger, accumulate_grad_batches=2
+        )
         trainer.fit(module, loader_factory(config, n_batches=8, batch_size=2))
     finally:
-        moe_stats.reduce_and_reset_counts = original
+        MoECounts.all_reduce = reduce
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "scalars": 0})
     events.Reload()
-    return balancing, spy, events, len(gathers), module
+    n_layers = len(module.moe_counts.layers)
+    load_gathers = gathers.count((n_layers, config.n_routed_experts))
+    assert gathers.count((2, n_layers)) == 2  # the entropy sums, once per logging step
+    return balancing, spy, events, load_gathers, module
 
 
 def test_monitor_and_balancing_share_one_gather_in_any_order(

@@ -1,11 +1,11 @@
-"""The three callbacks on the project's DeepSeekV3LitModule (model built in configure_model), to TensorBoard."""
+"""The four callbacks on the project's DeepSeekV3LitModule (model built in configure_model), to TensorBoard."""
 
 from __future__ import annotations
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import ExpertBiasBalancing, MoELoadMonitor, ThroughputMonitor
+from callbacks import ExpertBiasBalancing, MoELoadMonitor, RouterEntropyMonitor, ThroughputMonitor
 from lightning_modules import DeepSeekV3LitModule
 
 
@@ -16,6 +16,7 @@ def test_callbacks_log_on_the_lit_module(tmp_path, tiny_config, loader_factory, 
     callbacks = [
         balancing,
         MoELoadMonitor(log_every_n_steps=2),
+        RouterEntropyMonitor(log_every_n_steps=2),
         ThroughputMonitor(log_every_n_steps=2, peak_flops=1e12),
     ]
     logger = TensorBoardLogger(tmp_path, name="lit", version=0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_modules.cli import DSV3CLI
+from lightning_modules.config_include import expand_config_args
 from models import DeepSeekV3Config
 from models.hf_checkpoint import config_to_hf
 from models.rope import rope_attention_factor, rope_inv_freq
@@ -48,8 +49,8 @@ def pretrained(tmp_path_factory) -> str:
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_extension_stages_are_the_reports(stage, pretrained):
     stage_yaml = str(CONFIGS / "context_extension" / f"deepseek-v3-671b-{stage}.yaml")
-    cli = _cli(BASE, stage_yaml, extra=(f"--model.init_from={pretrained}",))
-    full = cli.parser.parse_args(["--config", BASE, "--config", stage_yaml])  # as written, GPU keys included
+    cli = _cli(stage_yaml, extra=(f"--model.init_from={pretrained}",))  # it includes configs/deepseek-v3-671b.yaml
+    full = cli.parser.parse_args(expand_config_args(["--config", stage_yaml]))  # as written, GPU keys included
     seq_len, batch = STAGES[stage]
     assert full.data.seq_len == seq_len and full.data.batch_size == 1
     assert full.trainer.num_nodes * full.trainer.devices * full.data.batch_size == batch  # sequences a step

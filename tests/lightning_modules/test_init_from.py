@@ -139,9 +139,7 @@ def test_init_from_a_dsv3_checkpoint_keeps_weights_and_starts_fresh(small, train
 def test_tiny_checkpoint_extends_its_context_on_the_cpu(small, trained_ckpt, tmp_path):
     """The tiny stage config, from a 32-token checkpoint to 128 tokens (s = 4): weights in, YaRN on, trains."""
     args = small(max_steps=2, val_check_interval=2)
-    at = args.index(TINY_YAML) + 1
-    stage = ["--config", str(ROOT / "configs" / "context_extension" / "tiny-1k.yaml")]
-    args = [*args[:at], *stage, *args[at:]]
+    args[args.index(TINY_YAML)] = str(ROOT / "configs" / "context_extension" / "tiny-1k.yaml")  # it includes tiny
     i = args.index("--model.overrides")  # the shape comes from the checkpoint
     args = args[:i] + args[i + 2 :]
     yarn = ["--model.overrides.original_max_position_embeddings=32", "--model.overrides.max_position_embeddings=128"]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lightning_modules import BatchSizeWarmup, DeepSeekV3LitModule
 from lightning_modules.cli import DSV3CLI
 from lightning_modules.module import data_parallel_size
-from tests.lightning_modules.conftest import SMALL_MODEL, TINY_YAML
+from tests.lightning_modules.conftest import ROOT, SMALL_MODEL, TINY_YAML
 
 
 class ThreeReplicas(SingleDeviceStrategy):
@@ -80,8 +80,8 @@ def _fit(args: list[str]) -> tuple[DSV3CLI, RecordSteps]:
 
 
 def _with_frozen_bias(args: list[str], tmp_path) -> list[str]:
-    """``args`` with tiny.yaml's bias callback frozen after 384 tokens (a config right after tiny.yaml)."""
-    with open(TINY_YAML) as f:
+    """``args`` with the base bias callback frozen after 384 tokens (a config right after tiny.yaml)."""
+    with open(ROOT / "configs" / "base" / "callbacks.yaml") as f:
         callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
     for cb in callbacks:
         if cb["class_path"].endswith("ExpertBiasBalancing"):

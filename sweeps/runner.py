@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_modules.sweep.config import Param, SweepConfig, format_value
-from lightning_modules.sweep.samplers import ListSampler, OptunaSampler
-from lightning_modules.sweep.trials import Trial, load_result, log_tail, read_metric, trial_command, write_json
+from sweeps.config import Param, SweepConfig, format_value
+from sweeps.samplers import ListSampler, OptunaSampler
+from sweeps.trials import Trial, load_result, log_tail, read_metric, trial_command, write_json
 
 FINISHED = ("completed", "pruned")  # statuses a rerun skips
 

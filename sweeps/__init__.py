@@ -18,10 +18,10 @@ Modules: ``config`` (the YAML, the space), ``trials`` (command line, metric, res
 (added to each trial: ``SweepHParams``, ``OptunaPruning``).
 """
 
-from lightning_modules.sweep.callbacks import OptunaPruning, SweepHParams
-from lightning_modules.sweep.config import Param, SweepConfig, grid_trials, parse_space, random_trials
-from lightning_modules.sweep.runner import SweepRunner, main
-from lightning_modules.sweep.trials import Trial, trial_command
+from sweeps.callbacks import OptunaPruning, SweepHParams
+from sweeps.config import Param, SweepConfig, grid_trials, parse_space, random_trials
+from sweeps.runner import SweepRunner, main
+from sweeps.trials import Trial, trial_command
 
 __all__ = [
     "OptunaPruning",

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules import sweep
-from lightning_modules.sweep import Param, SweepConfig, Trial, config, runner, trials
-from lightning_modules.sweep.samplers import journal_storage
+import sweeps
+from sweeps import Param, SweepConfig, Trial, config, runner, trials
+from sweeps.samplers import journal_storage
 from tests.lightning_modules.conftest import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +55,8 @@ def summary(sweep_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- space
 def test_grid_is_the_cartesian_product_in_order():
-    space = sweep.parse_space({"--a": [1, 2], "b": {"choice": ["x", "y", "z"]}, "c": {"int": [2, 6], "step": 2}})
-    trials = sweep.grid_trials(space)
+    space = sweeps.parse_space({"--a": [1, 2], "b": {"choice": ["x", "y", "z"]}, "c": {"int": [2, 6], "step": 2}})
+    trials = sweeps.grid_trials(space)
     assert len(trials) == 2 * 3 * 3
     assert trials[0] == {"a": 1, "b": "x", "c": 2}
     assert trials[1] == {"a": 1, "b": "x", "c": 4}  # last key varies fastest
@@ -64,11 +64,11 @@ def test_grid_is_the_cartesian_product_in_order():
 
 
 def test_random_draws_are_seeded_and_in_range():
-    space = sweep.parse_space(
+    space = sweeps.parse_space(
         {"lr": {"loguniform": [1.0e-5, 1.0e-2]}, "w": {"uniform": [0.1, 0.3]}, "e": {"int": [4, 16], "step": 4}}
     )
-    first, again = sweep.random_trials(space, 50, seed=3), sweep.random_trials(space, 50, seed=3)
-    assert first == again != sweep.random_trials(space, 50, seed=4)
+    first, again = sweeps.random_trials(space, 50, seed=3), sweeps.random_trials(space, 50, seed=3)
+    assert first == again != sweeps.random_trials(space, 50, seed=4)
     assert all(1e-5 <= t["lr"] <= 1e-2 and 0.1 <= t["w"] <= 0.3 and t["e"] in (4, 8, 12, 16) for t in first)
     # loguniform spreads over decades: about half the draws below the geometric midpoint 3.2e-4
     below = sum(t["lr"] < math.sqrt(1e-5 * 1e-2) for t in first)
@@ -160,10 +160,10 @@ def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
             "--trainer.max_steps": 5,
             "trainer.callbacks[LearningRateMonitor].init_args.logging_interval": "step",
         },
-        space=sweep.parse_space({LR: [1e-3], "trainer.callbacks[ExpertBiasBalancing].init_args.gamma": [0.01]}),
+        space=sweeps.parse_space({LR: [1e-3], "trainer.callbacks[ExpertBiasBalancing].init_args.gamma": [0.01]}),
     )
     params = {LR: 1e-5, "trainer.callbacks[ExpertBiasBalancing].init_args.gamma": 0.01}
-    cmd = sweep.trial_command(cfg, Trial(7, params))
+    cmd = sweeps.trial_command(cfg, Trial(7, params))
     assert cmd[: len(config.DEFAULT_COMMAND)] == list(config.DEFAULT_COMMAND)
     assert cmd[len(config.DEFAULT_COMMAND) :][:2] == ["--config", str(base)]
     flags = dict(arg[2:].split("=", 1) for arg in cmd if arg.startswith("--") and "=" in arg and "+=" not in arg)
@@ -185,16 +185,25 @@ def test_trial_command_places_the_run_and_edits_callback_lists(tmp_path):
 def test_each_trial_checkpoints_into_its_own_directory(tmp_path):
     base = tmp_path / "fit.yaml"
     base.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "lightning.ModelCheckpoint"}]}}))
-    cfg = SweepConfig(name="s", configs=[str(base)], out_dir="out", space=sweep.parse_space({LR: [1e-3]}))
+    cfg = SweepConfig(name="s", configs=[str(base)], out_dir="out", space=sweeps.parse_space({LR: [1e-3]}))
     cmd = trials.trial_command(cfg, Trial(7, {LR: 1e-5}))
     checkpoint = json.loads(next(a for a in cmd if a.startswith("--trainer.callbacks=")).split("=", 1)[1])
     assert checkpoint[0]["init_args"] == {"dirpath": "out/s/trial_007/checkpoints"}
 
 
+def test_callback_lists_come_from_the_files_a_config_includes():
+    # configs/tiny.yaml takes its callbacks from configs/base/callbacks.yaml, as dsv3 fit reads it.
+    key = "trainer.callbacks[ExpertBiasBalancing].init_args.gamma"
+    callbacks = trials.resolve_list_flags([str(ROOT / "configs" / "tiny.yaml")], {key: 0.01})["trainer.callbacks"]
+    names = [c["class_path"].rsplit(".", 1)[-1] for c in callbacks]
+    assert names[0] == "ExpertBiasBalancing" and names[-1] == "ModelCheckpoint" and len(names) >= 4
+    assert callbacks[0]["init_args"] == {"gamma": 0.01}
+
+
 # ---------------------------------------------------------------------------------------------- runner (fake trials)
 def test_grid_sweep_ranks_trials_and_resume_skips_finished(tmp_path, capsys):
     path = write_sweep(tmp_path, parallel=2, base={"overrides": {"trainer.max_steps": 20, "fake.sleep": 1}})
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / "runs" / "demo"
     done = results(sweep_dir)
     assert sorted(done) == [f"trial_00{i}" for i in range(4)]
@@ -212,7 +221,7 @@ def test_grid_sweep_ranks_trials_and_resume_skips_finished(tmp_path, capsys):
     assert any(a[0] < b[1] and b[0] < a[1] for a, b in zip(times, times[1:], strict=False))  # ran two at a time
 
     logs = {t: (sweep_dir / t / "trial.log").stat().st_mtime_ns for t in done}
-    assert sweep.main(["--config", str(path)]) == 0  # rerun: nothing to do
+    assert sweeps.main(["--config", str(path)]) == 0  # rerun: nothing to do
     assert {t: (sweep_dir / t / "trial.log").stat().st_mtime_ns for t in done} == logs
     assert "4/4 trials already finished" in capsys.readouterr().out
 
@@ -221,7 +230,7 @@ def test_failed_trial_is_recorded_and_rerun(tmp_path, monkeypatch, capsys):
     overrides = {"trainer.max_steps": 20, "fake.fail_if_env": "FAKE_FAIL"}
     path = write_sweep(tmp_path, base={"overrides": overrides}, space={LR: [1.0e-3, 3.0e-3]})
     monkeypatch.setenv("FAKE_FAIL", "1")
-    assert sweep.main(["--config", str(path), "--num_trials", "2"]) == 1  # grid: num_trials is ignored
+    assert sweeps.main(["--config", str(path), "--num_trials", "2"]) == 1  # grid: num_trials is ignored
     sweep_dir = tmp_path / "runs" / "demo"
     failed = results(sweep_dir)
     assert [r["status"] for r in failed.values()] == ["failed", "failed"]
@@ -234,7 +243,7 @@ def test_failed_trial_is_recorded_and_rerun(tmp_path, monkeypatch, capsys):
     done = dict(failed["trial_001"], status="completed", value=1.0, step=20)
     (sweep_dir / "trial_001" / "result.json").write_text(json.dumps(done))
     monkeypatch.delenv("FAKE_FAIL")
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     after = results(sweep_dir)
     assert after["trial_000"]["status"] == "completed" and after["trial_001"]["value"] == 1.0
     assert [r["trial"] for r in summary(sweep_dir)] == ["trial_001", "trial_000"]
@@ -242,18 +251,18 @@ def test_failed_trial_is_recorded_and_rerun(tmp_path, monkeypatch, capsys):
 
 def test_changed_sweep_refuses_to_mix_with_old_results(tmp_path, capsys):
     path = write_sweep(tmp_path, space={LR: [1.0e-3]})
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     write_sweep(tmp_path, space={LR: [2.0e-3]})
-    assert sweep.main(["--config", str(path)]) == 2  # a clear error, nothing overwritten
+    assert sweeps.main(["--config", str(path)]) == 2  # a clear error, nothing overwritten
     assert results(tmp_path / "runs" / "demo")["trial_000"]["params"] == {LR: 1e-3}
     write_sweep(tmp_path, space={LR: [1.0e-3]}, base={"overrides": {"trainer.max_steps": 40}})
-    assert sweep.main(["--config", str(path)]) == 2  # same values, another base run: not comparable
+    assert sweeps.main(["--config", str(path)]) == 2  # same values, another base run: not comparable
     assert "differ from the finished trials" in capsys.readouterr().err
 
 
 def test_one_bad_trial_does_not_stop_the_others(tmp_path):
     path = write_sweep(tmp_path, space={LR: [1.0e-3, 3.0e-3], "fake.fail": [False, True]}, parallel=2)
-    assert sweep.main(["--config", str(path)]) == 1
+    assert sweeps.main(["--config", str(path)]) == 1
     statuses = {r["params"]["fake.fail"]: set() for r in results(tmp_path / "runs" / "demo").values()}
     for r in results(tmp_path / "runs" / "demo").values():
         statuses[r["params"]["fake.fail"]].add(r["status"])
@@ -264,7 +273,7 @@ def test_one_bad_trial_does_not_stop_the_others(tmp_path):
 
 def test_a_command_that_cannot_start_fails_its_trials(tmp_path, capsys):
     path = write_sweep(tmp_path, command=[str(tmp_path / "no-such-program")], space={LR: [1.0e-3, 3.0e-3]})
-    assert sweep.main(["--config", str(path)]) == 1
+    assert sweeps.main(["--config", str(path)]) == 1
     done = results(tmp_path / "runs" / "demo")
     assert [r["status"] for r in done.values()] == ["failed", "failed"]
     assert "no-such-program" in done["trial_000"]["error"]
@@ -290,7 +299,7 @@ def test_ctrl_c_stops_trials_marks_them_and_exits_130(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, inside the sweep's loop
 
     threading.Thread(target=press_ctrl_c_once_both_trials_run, daemon=True).start()
-    assert sweep.main(["--config", str(path)]) == 130
+    assert sweeps.main(["--config", str(path)]) == 130
     pids = [int(p.read_text()) for p in pid_files]
     assert not any(_alive(pid) for pid in pids)
     done = results(sweep_dir)
@@ -316,7 +325,7 @@ def test_trials_get_their_own_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     path = write_sweep(tmp_path, parallel=2, base={"overrides": {"fake.sleep": 1}})
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / "runs" / "demo"
     seen = {}
     for name, r in results(sweep_dir).items():
@@ -342,7 +351,7 @@ def test_tpe_sweep_records_trials_in_the_study(tmp_path):
         space={LR: {"loguniform": [1.0e-4, 1.0e-1]}, "fake.gamma": {"uniform": [0.0, 1.0]}},
         pruner={"type": "none"},
     )
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / "runs" / "demo"
     done = results(sweep_dir)
     study = optuna.load_study(study_name="demo", storage=journal_storage(sweep_dir / "optuna.journal"))
@@ -353,7 +362,7 @@ def test_tpe_sweep_records_trials_in_the_study(tmp_path):
         assert trial.value == pytest.approx(r["value"]) and trial.params == r["params"]
         assert r["value"] == pytest.approx(2.05 + abs(math.log10(r["params"][LR]) + 2.5) + r["params"]["fake.gamma"])
     # A rerun adds no trials.
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     storage = journal_storage(sweep_dir / "optuna.journal")
     assert len(optuna.load_study(study_name="demo", storage=storage).trials) == 3
 
@@ -364,11 +373,11 @@ def test_tpe_reruns_failed_trials_with_their_parameters(tmp_path, monkeypatch):
     space = {LR: {"loguniform": [1.0e-4, 1.0e-1]}}
     path = write_sweep(tmp_path, method="tpe", num_trials=2, base={"overrides": overrides}, space=space)
     monkeypatch.setenv("FAKE_FAIL", "1")
-    assert sweep.main(["--config", str(path)]) == 1
+    assert sweeps.main(["--config", str(path)]) == 1
     sweep_dir = tmp_path / "runs" / "demo"
     failed = results(sweep_dir)
     monkeypatch.delenv("FAKE_FAIL")
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     rerun = results(sweep_dir)
     assert {t: r["params"] for t, r in rerun.items()} == {t: r["params"] for t, r in failed.items()}
     assert all(r["status"] == "completed" for r in rerun.values())
@@ -398,7 +407,7 @@ def test_optuna_pruning_callback_stops_a_bad_run(tmp_path):
         def validation_step(self, batch, batch_idx):
             self.log("val/loss", torch.tensor(5.0))
 
-    pruning = sweep.OptunaPruning(
+    pruning = sweeps.OptunaPruning(
         str(storage_path), "s", number, pruner={"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
     )
     trainer = Trainer(
@@ -420,7 +429,7 @@ def test_optuna_pruning_callback_stops_a_bad_run(tmp_path):
 def test_missing_optuna_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     path = write_sweep(tmp_path, method="tpe", num_trials=2, space={LR: {"loguniform": [1.0e-4, 1.0e-2]}})
-    assert sweep.main(["--config", str(path)]) == 2
+    assert sweeps.main(["--config", str(path)]) == 2
     assert "pip install 'dsv3[sweep]'" in capsys.readouterr().err
 
 
@@ -434,18 +443,18 @@ SMALL_RUN = {  # the CLI tests' small model and data (tests/lightning_modules/co
     "trainer.max_steps": 4,
     "trainer.val_check_interval": 2,
     "model.lr_scheduler.init_args.warmup_steps": 1,
-    "model.lr_scheduler.init_args.decay_start": 2,
-    "model.lr_scheduler.init_args.decay_steps": 2,
+    "model.lr_scheduler.init_args.decay_start_tokens": 128,  # 2 steps of 2 x 32 tokens
+    "model.lr_scheduler.init_args.decay_tokens": 128,
     "trainer.enable_progress_bar": False,
 }
 
 
 def test_dry_run_prints_the_real_commands(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert sweep.main(["--config", "configs/sweeps/tiny_lr.yaml", "--dry_run"]) == 0
+    assert sweeps.main(["--config", "configs/sweeps/tiny_lr.yaml", "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(" -m lightning_modules.cli fit --config configs/tiny.yaml " in x for x in lines)
-    assert sweep.main(["--config", "configs/sweeps/tiny_tpe.yaml", "--dry_run"]) == 0
+    assert sweeps.main(["--config", "configs/sweeps/tiny_tpe.yaml", "--dry_run"]) == 0
 
 
 def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
@@ -465,7 +474,7 @@ def test_tiny_lr_sweep_end_to_end(tmp_path, monkeypatch):
     raw.update(out_dir=str(tmp_path), parallel=2)
     path = tmp_path / "tiny_lr.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / raw["name"]
     done = results(sweep_dir)
     assert sorted(done) == ["trial_000", "trial_001"]
@@ -498,7 +507,7 @@ def test_tpe_sweep_with_pruning_end_to_end(tmp_path, monkeypatch):
     raw.update(out_dir=str(tmp_path), num_trials=3, pruner={"type": "median", "n_startup_trials": 1})
     path = tmp_path / "tiny_tpe.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert sweep.main(["--config", str(path)]) == 0
+    assert sweeps.main(["--config", str(path)]) == 0
     sweep_dir = tmp_path / raw["name"]
     done = results(sweep_dir)
     study = optuna.load_study(study_name=raw["name"], storage=journal_storage(sweep_dir / "optuna.journal"))
@@ -508,3 +517,12 @@ def test_tpe_sweep_with_pruning_end_to_end(tmp_path, monkeypatch):
         trial = by_number[r["optuna_trial"]]
         assert trial.state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[r["status"]]
         assert trial.intermediate_values  # the callback reported each validation from inside the trial
+
+
+def test_dsv3_sweep_reaches_the_sweeps_package(capsys):
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: dsv3 sweep" in capsys.readouterr().out

@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_modules.module import log_hparams_record
-from lightning_modules.sweep.samplers import OPTUNA_MISSING, journal_storage, make_pruner
+from sweeps.samplers import OPTUNA_MISSING, journal_storage, make_pruner
 
 
 class SweepHParams(Callback):

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.sweep.config import SweepConfig, grid_trials, random_trials
-from lightning_modules.sweep.trials import Trial
+from sweeps.config import SweepConfig, grid_trials, random_trials
+from sweeps.trials import Trial
 
 OPTUNA_MISSING = "method 'tpe' needs optuna: pip install 'dsv3[sweep]' (or pip install optuna)"
 

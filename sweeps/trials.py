@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from lightning_modules.sweep.config import SweepConfig, YamlLoader, format_value
+from lightning_modules.config_include import config_files
+from sweeps.config import SweepConfig, YamlLoader, format_value
 
 
 @dataclass
@@ -62,7 +63,7 @@ def resolve_list_flags(configs: list[str], flags: dict[str, Any]) -> dict[str, A
 
 def _list_from_configs(configs: list[str], dotted: str) -> list[dict[str, Any]]:
     found: Any = []
-    for path in configs:
+    for path in config_files(configs):  # with the files they include, as dsv3 fit reads them
         node: Any = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -111,11 +112,11 @@ def trial_command(cfg: SweepConfig, trial: Trial) -> list[str]:
     flags = resolve_list_flags(cfg.configs, {**_checkpoint_placement(cfg, trial), **cfg.overrides, **trial.params})
     for key, value in {**flags, **logger}.items():
         cmd.append(f"--{key}={format_value(value)}")
-    hparams = {"class_path": "lightning_modules.sweep.callbacks.SweepHParams", "init_args": {"params": trial.params}}
+    hparams = {"class_path": "sweeps.callbacks.SweepHParams", "init_args": {"params": trial.params}}
     cmd.append(f"--trainer.callbacks+={json.dumps(hparams)}")
     if trial.optuna_trial is not None and cfg.pruner.get("type", "median") != "none":
         pruning = {
-            "class_path": "lightning_modules.sweep.callbacks.OptunaPruning",
+            "class_path": "sweeps.callbacks.OptunaPruning",
             "init_args": {
                 "storage": str(cfg.sweep_dir / "optuna.journal"),
                 "study_name": cfg.name,
