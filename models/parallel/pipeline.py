@@ -7,7 +7,8 @@ model and a checkpoint is the union of the ranks' state dicts. Each stage is a `
 modules it runs (for ``PipelineStage``'s backward and weight passes) without copying them.
 
 The V placement of DualPipeV / ZBV puts stage 0 (embedding) and stage N-1 (final norm, head, MTP) on rank 0, so the
-MTP module uses the embedding and head it shares with the main model in place. Loop placements (1F1B,
+MTP module uses the embedding and head it shares with the main model in place (the embedding is registered with
+stage 0 only; the last stage then runs its backward unsplit). Loop placements (1F1B,
 Interleaved1F1B, GPipe) would need a replicated embedding with its own gradient all-reduce: they are refused for
 models with MTP or tied embeddings.
 
@@ -183,6 +184,12 @@ def prune_to_stages(model: DeepSeekV3, layer_ranges: list[range], stage_ids: lis
     return model
 
 
+def make_stages(model: DeepSeekV3, pipeline: PipelineConfig, pp: int, rank: int) -> list[Stage]:
+    """The ``Stage`` views of pp rank ``rank`` on its pruned model, in ``stages_of_rank`` order."""
+    ranges = stage_layer_ranges(model.config, pipeline, pp)
+    return [Stage(model, ranges[s], s == 0, s == len(ranges) - 1) for s in stages_of_rank(pipeline, pp, rank)]
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``h`` whose backward also sends ``scale`` into ``aux``: the stage's balance loss joins the step's
     loss without being an output of the stage (Megatron's ``MoEAuxLossAutoScaler``)."""
@@ -208,12 +215,15 @@ class Stage(nn.Module):
     attached. ``loss`` (the schedule's loss function, on the last stage) runs norm, head, CE and MTP.
     """
 
-    def __init__(self, model: DeepSeekV3, layer_ids: range, is_first: bool, is_last: bool, n_microbatches: int):
+    def __init__(self, model: DeepSeekV3, layer_ids: range, is_first: bool, is_last: bool):
         super().__init__()
         self.owner = (model,)  # a tuple: not registered, so the model's modules are not children twice
-        self.is_first, self.is_last, self.scale = is_first, is_last, 1.0 / n_microbatches
+        self.is_first, self.is_last = is_first, is_last
+        self.scale = 1.0  # 1 / micro-batches, set by build_pipeline
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
-        if is_first or (is_last and model.embed is not None):
+        if is_first:
+            # Registered with stage 0 only, even where the last stage (MTP) uses it too: one owner per parameter
+            # (FSDP2 allows one root per module) and one weight-gradient pass; see build_pipeline.
             self.embed = model.embed
         if is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
@@ -263,6 +273,7 @@ class PipelineRunner:
     group: dist.ProcessGroup
     pipeline: PipelineConfig
     pipeline_stages: list[PipelineStage] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # of the states sent between stages
 
     @property
     def has_first(self) -> bool:
@@ -280,6 +291,30 @@ class PipelineRunner:
         args = (tokens,) if self.has_first else ()
         target = tokens if self.has_last else None
         self.schedule.step(*args, target=target)
+        return self.reduce_losses(tokens.device)
+
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor) -> PipelineLosses:
+        """Forward-only pass of a (B, S+1) batch, stage after stage (no schedule: the V schedules' ``eval`` would
+        still run their backward actions). The losses, means over the micro-batches, on every pp rank."""
+        pp, rank = self.group.size(), self.group.rank()
+        owner = {s: r for r in range(pp) for s in stages_of_rank(self.pipeline, pp, r)}
+        mine = {s: stage for s, stage in zip(stages_of_rank(self.pipeline, pp, rank), self.stages, strict=True)}
+        last = len(owner) - 1
+        for mb in tokens.tensor_split(self.pipeline.microbatches(pp)):
+            x = mb
+            for s in range(last + 1):
+                if owner[s] != rank:
+                    continue
+                if s > 0 and owner[s - 1] != rank:  # the previous stage's states, from its rank
+                    shape = (mb.shape[0], mb.shape[1] - 1, self.model.config.hidden_size)
+                    x = torch.empty(shape, dtype=self.dtype, device=mb.device)
+                    dist.recv(x, group=self.group, group_src=owner[s - 1])
+                x = mine[s](x)
+                if s == last:
+                    mine[s].loss(x, mb)
+                elif owner[s + 1] != rank:
+                    dist.send(x.contiguous(), group=self.group, group_dst=owner[s + 1])
         return self.reduce_losses(tokens.device)
 
     def reduce_losses(self, device: torch.device) -> PipelineLosses:
@@ -317,6 +352,7 @@ def build_pipeline(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     deferred_weight_grads: bool = True,
+    stages: list[Stage] | None = None,
 ) -> PipelineRunner:
     """Stages and schedule for a model already pruned by ``prune_to_stages`` and materialised on ``device``.
 
@@ -332,6 +368,8 @@ def build_pipeline(
             weight grads later. False computes both in ``I`` (``W`` does nothing): needed under activation
             checkpointing, whose selective mode allows one backward per region and whose full mode would
             recompute each block a second time for ``W``.
+        stages: This rank's ``make_stages`` views, when they were made before ``parallelize`` (FSDP2 roots);
+            None makes them here.
 
     Returns:
         PipelineRunner.
@@ -340,9 +378,13 @@ def build_pipeline(
     validate(model.config, pipeline, pp)
     ranges = stage_layer_ranges(model.config, pipeline, pp)
     n_stages, n_mb = len(ranges), pipeline.microbatches(pp)
-    stages, pipeline_stages = [], []
-    for s in stages_of_rank(pipeline, pp, rank):
-        stage = Stage(model, ranges[s], s == 0, s == n_stages - 1, n_mb)
+    stages = stages if stages is not None else make_stages(model, pipeline, pp, rank)
+    pipeline_stages = []
+    # The last stage's MTP uses the embedding it does not register: a split I/W backward there would leave that
+    # embedding gradient out of the W pass, so its I actions compute input and weight gradients together.
+    shares = model.config.num_nextn_predict_layers > 0 or model.config.tie_word_embeddings
+    for s, stage in zip(stages_of_rank(pipeline, pp, rank), stages, strict=True):
+        stage.scale = 1.0 / n_mb
         shape = (microbatch_size, seq_len, model.config.hidden_size)
         hidden = torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)
         tokens = torch.empty(microbatch_size, seq_len + 1, dtype=torch.long, device="meta")
@@ -356,10 +398,9 @@ def build_pipeline(
                 input_args=tokens if s == 0 else hidden,
                 output_args=hidden,
                 group=group,
-                dw_builder=None if deferred_weight_grads else _no_weight_pass,
+                dw_builder=None if deferred_weight_grads and not (s == n_stages - 1 and shares) else _no_weight_pass,
             )
         )
-        stages.append(stage)
     last = next((s for s in stages if s.is_last), None)
 
     def loss_fn(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -373,7 +414,7 @@ def build_pipeline(
         schedule = schedule_cls(pipeline_stages, n_mb, loss_fn=loss_fn, scale_grads=False)
     if pipeline.schedule == "DualPipeV" and pipeline.overlap:
         schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
-    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages)
+    return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages, dtype)
 
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:

@@ -115,6 +115,14 @@ def _run_case(rank: int, schedule: str, overlap: bool, ac: str, mtp: int) -> Non
         for o in (opt, opt_ref):
             o.step()
             o.zero_grad()
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        want = reference(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False)
+    got = runner.evaluate(tokens)
+    torch.testing.assert_close(got.ce_loss, want.ce_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    assert got.balance_loss is None or got.balance_loss == 0  # no balance loss in eval mode
 
 
 def _worker(rank: int, world: int, rdzv: str) -> None:
