@@ -382,13 +382,36 @@ def config_from_source(init_from: str) -> DeepSeekV3Config:
 
 
 def load_source_weights(model: DeepSeekV3, init_from: str) -> None:
-    """Copy ``model.init_from``'s weights (and expert biases) into an allocated ``model`` of its shape."""
+    """Copy ``model.init_from``'s weights (and expert biases) into an allocated ``model`` of its shape.
+
+    One device: tensor by tensor into the model (peak: the model plus one tensor). Sharded (DTensor parameters,
+    FSDP2/EP): rank 0 reads the whole state dict into host memory and ``set_model_state_dict`` broadcasts it into
+    every rank's shards, so rank 0 needs host memory for the full fp32 model.
+    """
     path = Path(init_from)
-    if path.is_dir():
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = _source_state_dict(path, model.config) if torch.distributed.get_rank() == 0 else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+    elif path.is_dir():
         load_hf_weights(model, path)
-        return
+    else:
+        model.load_state_dict(_source_state_dict(path, model.config))
+
+
+def _source_state_dict(path: Path, config: DeepSeekV3Config) -> dict[str, torch.Tensor]:
+    """``init_from``'s full state dict in this model's names, on the CPU."""
+    if path.is_dir():
+        with torch.device("meta"):
+            model = DeepSeekV3(config)
+        model.to_empty(device="cpu")
+        model.init_weights()  # the buffers the checkpoint does not hold; every weight is overwritten
+        load_hf_weights(model, path)
+        return model.state_dict()
     state = _source_checkpoint(path)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
 def _source_checkpoint(path: Path) -> dict[str, Any]:

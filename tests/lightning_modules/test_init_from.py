@@ -5,6 +5,7 @@ extended with YaRN (configs/context_extension/tiny-1k.yaml)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,45 @@ def test_tiny_checkpoint_extends_its_context_on_the_cpu(small, trained_ckpt, tmp
     assert cli.model.tokens_seen == 2 * 2 * 128  # 2 steps of 2 x 128 tokens, counted from 0
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+def _sharded_load(rank: int, source: str, config: dict) -> dict:
+    """FSDP2-shard a meta model over 2 gloo ranks, load ``source`` into the shards, gather the full state back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_modules.module import load_source_weights
+    from models import DeepSeekV3
+    from models.parallel.compile import blocks
+
+    mesh = init_device_mesh("cpu", (2,))
+    with torch.device("meta"):
+        model = DeepSeekV3(DeepSeekV3Config.from_dict(config))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    model.init_weights(buffer_device=torch.device("cpu"))
+    load_source_weights(model, source)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"full": full, "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters())}
+
+
+@pytest.mark.distributed
+def test_init_from_into_fsdp2_shards_equals_the_one_device_load(tmp_path, hf_dir, trained_ckpt):
+    from tests.callbacks.conftest import run_gloo_ranks
+
+    path, _ = hf_dir
+    for source in (str(path), str(trained_ckpt)):
+        module = DeepSeekV3LitModule(init_from=source)
+        module.configure_model()  # the one-device load, the reference
+        want = module.model.state_dict()
+        out = tmp_path / Path(source).name
+        out.mkdir()
+        ranks = run_gloo_ranks(out, _sharded_load, source, module.config.to_dict())
+        assert all(r["sharded"] for r in ranks)
+        got = ranks[0]["full"]
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (source, name)
