@@ -9,6 +9,8 @@ measured step time and ``--peak-tflops``, the same for every implementation.
 Implementations (``--impl``, comma-separated):
   ours            DeepSeekV3: bf16 params + fp32-master fused AdamW, fused chunked head+CE, cuDNN attention,
                   per-block torch.compile with --compile (``--precision autocast`` for fp32 params + autocast).
+  ours-parallel   ours through models.parallel.parallelize() on a one-rank mesh (what the mesh strategy does at world
+                  size 1: no fully_shard, bf16 parameters but fp32 gates, MasterWeightAdamW), compiled by parallelize.
   ours-lightning  what `dsv3 fit --config <--lightning-config>` builds (DSV3CLI's own parser: Trainer, precision,
                   clipping, DeepSeekV3LitModule, optimizer, callbacks; configs/bench-1gpu.yaml: MasterWeightAdamW,
                   clip 1.0), on random tokens, no validation, checkpointing or logger.
@@ -49,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import DeepSeekV3, DeepSeekV3Config  # noqa: E402
 from models.parallel.compile import apply_activation_checkpointing, compile_blocks  # noqa: E402
+from models.parallel.mesh import ParallelDims  # noqa: E402
 from models.parallel.mixed_precision import MasterWeightAdamW, cast_parameters, main_params  # noqa: E402
+from models.parallel.parallelize import init_weights, parallelize  # noqa: E402
 
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -90,20 +94,31 @@ def _autocast(device: torch.device, enabled: bool = True) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def build_ours(config: DeepSeekV3Config, v: Variant, device: torch.device):
+def build_ours(config: DeepSeekV3Config, v: Variant, device: torch.device, parallel: bool = False):
     with torch.device("meta"):
         model = DeepSeekV3(config)
-    model.to_empty(device=device)
-    model.init_weights(buffer_device=device)
+    if parallel and v.precision != "master":
+        raise ValueError("ours-parallel runs bf16 parameters with MasterWeightAdamW only: use --precision master")
+    if parallel:
+        # The mesh strategy's path at world size 1: parallelize on the meta model (AC and compile inside), which
+        # shards nothing and casts the parameters but the gates' to bf16; MasterWeightAdamW keeps the fp32 masters.
+        mesh = _one_rank_mesh(device)
+        parallelize(model, mesh, param_dtype=torch.bfloat16, activation_checkpointing=v.ac, compile=v.compile)
+        model.to_empty(device=device)
+        init_weights(model, buffer_device=device)
+    else:
+        model.to_empty(device=device)
+        model.init_weights(buffer_device=device)
     model.train()
     if v.precision == "master":  # what lightning_modules.MasterWeightPrecision does, then its optimizer
         cast_parameters(model, torch.bfloat16, keep_masters=True)
         optimizer = MasterWeightAdamW(model.parameters(), **ADAMW)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=device.type == "cuda")
-    apply_activation_checkpointing(model, v.ac)
-    if v.compile:
-        compile_blocks(model)
+    if not parallel:
+        apply_activation_checkpointing(model, v.ac)
+        if v.compile:
+            compile_blocks(model)
     scale = 1.0 / v.grad_accum
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -158,6 +173,17 @@ def _torchtitan_args(config: DeepSeekV3Config, seq_len: int, device: torch.devic
     )
     args.moe_impl = "standard"  # set by update_from_config in torchtitan's trainer
     return args
+
+
+def _one_rank_mesh(device: torch.device):
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mkdtemp()}/rdzv", rank=0, world_size=1)
+    return ParallelDims().resolve(1).build_mesh(device.type)
 
 
 def _stub_triton_on_cpu(device: torch.device) -> None:
@@ -398,6 +424,7 @@ class _Timer:
 def _builder(impl: str) -> Callable:
     builders = {
         "ours": lambda c, v, d, s: build_ours(c, v, d),
+        "ours-parallel": lambda c, v, d, s: build_ours(c, v, d, parallel=True),
         "torchtitan": build_torchtitan,
         "transformers": lambda c, v, d, s: build_transformers(c, v, d),
     }
@@ -421,7 +448,7 @@ def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, devi
     ]
     timer = _Timer(device)
     losses = []
-    profiling = args.profile and v.impl == "ours"
+    profiling = args.profile and v.impl.startswith("ours")
     prof = _profiler(args, v) if profiling else contextlib.nullcontext()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:

@@ -22,6 +22,7 @@ from callbacks.moe_counts import MoECounts
 from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
 from models import DeepSeekV3, DeepSeekV3Config
 from models.hf_checkpoint import load_hf_weights, read_hf_config
+from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.parallel.mixed_precision import main_params
 from models.rope import rope_freqs_cis
@@ -300,12 +301,9 @@ class DeepSeekV3LitModule(LightningModule):
         wrapped = self.trainer.model
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
             norm = wrapped.clip_grad_norm_(max_norm)
-        else:  # plain tensors or DTensors (FSDP2), whose norm torch reduces itself
+        else:  # plain tensors, or DTensors on the dense and the expert meshes (FSDP2 x EP)
             # The gradients the step applies: MasterWeightAdamW's fp32 sums after accumulation.
-            params = [p for p in main_params(optimizer) if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+            norm = clip_grad_norm_(main_params(optimizer), max_norm=max_norm, foreach=True)
         self.log("grad_norm", norm)
 
     # ------------------------------------------------------------------ checkpoints

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+ROUTING_GROUPS = ("experts", "ep_ranks", "nodes")
+
 
 @dataclass
 class DeepSeekV3Config:
@@ -35,6 +37,12 @@ class DeepSeekV3Config:
         num_experts_per_tok: Routed experts K chosen per token.
         n_group: Expert groups for group-limited routing.
         topk_group: Groups a token may route to.
+        routing_groups: What a routing group stands for under expert parallelism. ``"experts"``: a block of
+            n_routed_experts / n_group experts, nothing more. ``"ep_ranks"``: group g is the experts of EP rank g
+            (n_group = ep), so each token's experts sit on at most topk_group GPUs (DeepSeek-V2's device-limited
+            routing). ``"nodes"``: group g is the experts on node g (n_group = the nodes of an EP group), so each
+            token reaches at most M = topk_group nodes: the node-limited routing of section 2.1.2 of the
+            DeepSeek-V3 report. The routing math is the same in all three; ``parallelize`` checks the layout.
         routed_scaling_factor: Multiplier on the combine weights of the routed experts.
         norm_topk_prob: Normalise the chosen affinities to sum to one.
         scoring_func: Affinity function, ``"sigmoid"`` (DeepSeek-V3) or ``"softmax"`` (DeepSeek-V2).
@@ -71,6 +79,7 @@ class DeepSeekV3Config:
     num_experts_per_tok: int = 8
     n_group: int = 8
     topk_group: int = 4
+    routing_groups: str = "experts"
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
@@ -158,6 +167,8 @@ class DeepSeekV3Config:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, {reachable}]: the experts in "
                 f"topk_group={self.topk_group} groups of {per_group}"
             )
+        if self.routing_groups not in ROUTING_GROUPS:
+            raise ValueError(f"routing_groups must be one of {ROUTING_GROUPS}, got {self.routing_groups!r}")
         if self.scoring_func not in ("sigmoid", "softmax"):
             raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
         if self.routed_scaling_factor <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models.config import DeepSeekV3Config
 
@@ -80,6 +81,11 @@ class Gate(nn.Module):
         nn.init.zeros_(self.e_score_correction_bias)
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    # This rank's experts of an expert-parallel DTensor (no communication); a plain tensor as it is.
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # torch._grouped_mm has no autocast rule: follow autocast by hand.
     if torch.is_autocast_enabled(x.device.type):
@@ -90,7 +96,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked (E, ...) weights and run with one grouped GEMM per projection.
 
-    ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights.
+    ``w1``/``w3`` are (E, F, D) and ``w2`` is (E, D, F): the layout of E stacked ``nn.Linear`` weights. Under
+    expert parallelism (``models.parallel.expert_parallel``) they are DTensors sharded along E and the forward
+    runs this rank's experts on the tokens dispatched to it.
     """
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
@@ -104,14 +112,14 @@ class GroupedExperts(nn.Module):
 
         Args:
             x_ND: (N, D) token copies grouped by expert.
-            offsets_E: (E,) int32 cumulative row counts.
+            offsets_E: (E,) int32 cumulative row counts (E = the local experts under expert parallelism).
 
         Returns:
             (N, D) in the compute dtype.
         """
         dtype = _compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
-        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (_local(w).to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
         h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
         return torch._grouped_mm(h_NF, w2, offs=offsets_E)
 
@@ -161,6 +169,11 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
         (inverse_N,) = ctx.saved_tensors
         return grad_ND[inverse_N], None, None
+
+
+def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """``x_ND[perm_N]`` for a permutation with inverse ``inverse_N``; differentiable, its backward a gather too."""
+    return _Permute.apply(x_ND, perm_N, inverse_N)
 
 
 class MoE(nn.Module):
@@ -223,7 +236,7 @@ class MoE(nn.Module):
         inverse_TK = torch.empty_like(order_TK).scatter_(0, order_TK, arange_TK)  # pair -> sorted position
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
         out_TKD = self.experts(x_TD[order_TK // top_k], offsets_E)  # rows sorted by expert
-        out_TKD = _Permute.apply(out_TKD, inverse_TK, order_TK)  # rows in (token, k) order
+        out_TKD = permute_rows(out_TKD, inverse_TK, order_TK)  # rows in (token, k) order
         y_TD = (out_TKD.view(-1, top_k, out_TKD.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
         return y_TD.to(out_TKD.dtype)
 

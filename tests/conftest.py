@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +53,9 @@ def _seed_and_restore_globals():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # Free the dead process groups here: a forked child that garbage-collects an inherited gloo group joins
+        # its worker threads, which do not exist after fork, and hangs.
+        gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):

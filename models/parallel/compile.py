@@ -10,19 +10,30 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 AC_MODES = ("none", "full", "selective")
 
-# Ops whose outputs selective checkpointing keeps: the matmuls and attention (costly to recompute); everything
-# else (norms, RoPE, SwiGLU, routing, permutations) is recomputed in the backward pass.
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention (costly to recompute), and expert
+# parallelism's all-to-alls (no second exchange in the backward); everything else (norms, RoPE, SwiGLU, routing,
+# permutations) is recomputed in the backward pass.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten._grouped_mm.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+}
+
+# FSDP2 annotates its hooks with profiler ranges, and the hooks of the units nested in a block (the gate, the
+# expert-parallel experts) open more of them when the forward is replayed in the backward than in the forward.
+# They compute nothing: selective checkpointing must not count them when it matches the replay to the forward.
+_PROFILER_OPS = {
+    torch.ops.profiler._record_function_enter_new.default,
+    torch.ops.profiler._record_function_exit._RecordFunction,
 }
 
 
@@ -36,7 +47,18 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ANN001
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _SAVE_OPS or _device_to_host(op, args, kwargs):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _device_to_host(op, args, kwargs) -> bool:  # noqa: ANN001
+    # Expert parallelism copies its all-to-all split sizes to the host: keeping the copy keeps the replay sync-free.
+    return (
+        op is torch.ops.aten._to_copy.default
+        and args[0].device.type != "cpu"
+        and torch.device(kwargs.get("device", args[0].device)).type == "cpu"
+    )
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.Module:
@@ -54,6 +76,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.M
         raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {mode!r}")
     if mode == "none":
         return model
+    if mode == "selective":
+        torch.utils.checkpoint.SAC_IGNORED_OPS.update(_PROFILER_OPS)
     for block in blocks(model):
         block.forward = _checkpointed(block.forward, selective=mode == "selective")
     return model

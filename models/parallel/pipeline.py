@@ -48,7 +48,6 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
-from torch.distributed.tensor import DTensor
 
 from models.config import DeepSeekV3Config
 from models.model import DeepSeekV3, run_blocks
@@ -415,23 +414,6 @@ def build_pipeline(
     if pipeline.schedule == "DualPipeV" and pipeline.overlap:
         schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
     return PipelineRunner(model, stages, schedule, group, pipeline, pipeline_stages, dtype)
-
-
-def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
-    """Clip this rank's gradients by the L2 norm over every pipeline rank; returns that norm (before clipping).
-
-    Each parameter lives on one pp rank (the shared embedding once, on rank 0), so the squares of the ranks' norms
-    add up to the single-process norm. DTensor gradients (FSDP2/EP) first reduce over their own mesh.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    total = norm.float().pow(2)
-    dist.all_reduce(total, group=group)
-    total = total.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total
 
 
 def _no_weight_pass() -> Callable[[], None]:
