@@ -62,7 +62,7 @@ from callbacks.throughput_monitor import datasheet_peak_flops, measured_peak_flo
 from models import DeepSeekV3, DeepSeekV3Config  # noqa: E402
 from models.parallel.compile import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from models.parallel.mesh import ParallelDims  # noqa: E402
-from models.parallel.mixed_precision import MasterWeightAdamW  # noqa: E402
+from models.parallel.mixed_precision import MasterWeightAdamW, cast_parameters, main_params  # noqa: E402
 from models.parallel.parallelize import init_weights, parallelize  # noqa: E402
 
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -133,8 +133,9 @@ def build_ours(config: DeepSeekV3Config, v: Variant, device: torch.device, paral
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
     model.train()
-    if v.precision == "master":
-        optimizer = MasterWeightAdamW(model.parameters(), **ADAMW, fp32_grad_accumulation=v.grad_accum > 1)
+    if v.precision == "master":  # what lightning_modules.MasterWeightPrecision does, then its optimizer
+        cast_parameters(model, torch.bfloat16, keep_masters=True)
+        optimizer = MasterWeightAdamW(model.parameters(), **ADAMW)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=device.type == "cuda")
     if not parallel:
@@ -403,7 +404,7 @@ def lightning_cli_args(config: DeepSeekV3Config, v: Variant, args: argparse.Name
     if v.fp8_config is not None:
         flags["model.fp8"] = json.dumps(asdict(v.fp8_config))
     if device.type != "cuda":
-        flags.update({"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true"})
+        flags.update({"trainer.accelerator": "cpu", "trainer.devices": 1})  # the YAML's precision, on the CPU
     return ["--config", args.lightning_config, *(f"--{k}={v}" for k, v in flags.items())]
 
 
@@ -518,7 +519,7 @@ def measure(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, devi
         for j in range(v.grad_accum):
             losses.append(step(batches[(i * v.grad_accum + j) % n_batches]))
         if args.clip_grad_norm > 0:  # as torchtitan's trainer (max_norm 1.0) and the Lightning path do
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(main_params(optimizer), args.clip_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i == args.warmup + args.steps - 3 and profiling:

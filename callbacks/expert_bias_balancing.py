@@ -43,13 +43,14 @@ class ExpertBiasBalancing(Callback):
     layers are summed over the data-parallel ranks with one all-reduce (``pl_module.moe_counts``, shared with
     ``MoELoadMonitor``, see ``callbacks.moe_counts``), the biases move by ``gamma * sign(mean_load - load_i)``
     in float32, and the counts are reset. The biases are persistent buffers of the model, so checkpoints carry
-    them; the tokens seen (for ``freeze_after_tokens``) are this callback's state. No host synchronisation per
-    step.
+    them; the tokens seen (for ``freeze_after_tokens``) are the LitModule's ``tokens_seen``, the count every
+    schedule reads. No host synchronisation per step.
 
     Args:
         gamma: Bias update speed gamma (report: 0.001).
-        freeze_after_tokens: Stop updating (gamma = 0) once this many training tokens have been seen, as the
-            report does for its last 500B tokens; ``None`` never freezes.
+        freeze_after_tokens: Update only while ``pl_module.tokens_seen`` (after the step) is at most this, then
+            gamma = 0: the report's 0.001 for the first 14.3T tokens and 0 for the last 500B. ``None`` never
+            freezes.
         center: Mean-centre each layer's update (the report does not).
     """
 
@@ -61,7 +62,6 @@ class ExpertBiasBalancing(Callback):
         self.gamma = gamma
         self.freeze_after_tokens = freeze_after_tokens
         self.center = center
-        self.tokens_seen: torch.Tensor | int = 0  # a device tensor while training: no per-step .item()
         self.num_updates = 0
         self._tracker = OptimizerStepTracker()
 
@@ -69,6 +69,10 @@ class ExpertBiasBalancing(Callback):
         self._tracker.reset(trainer)
         counts = moe_counts_of(pl_module, type(self).__name__)
         counts.reset()
+        if self.freeze_after_tokens is not None and not hasattr(pl_module, "tokens_seen"):
+            raise ValueError(
+                "ExpertBiasBalancing.freeze_after_tokens reads pl_module.tokens_seen (DeepSeekV3LitModule)"
+            )
         for gate in counts.gates:
             if gate.e_score_correction_bias.dtype != torch.float32:
                 rank_zero_warn(
@@ -84,29 +88,23 @@ class ExpertBiasBalancing(Callback):
         if not self._tracker.stepped(trainer):
             return
         counts = moe_counts_of(pl_module, type(self).__name__)
-        self.update(counts.layers, counts.step_counts(trainer.global_step))
+        frozen = self.freeze_after_tokens is not None and pl_module.tokens_seen > self.freeze_after_tokens
+        self.update(counts.layers, counts.step_counts(trainer.global_step), gamma=0.0 if frozen else self.gamma)
 
     @torch.no_grad()
-    def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor) -> None:
-        """Apply one bias update from the global (L, E) counts of a step, and count its tokens.
-
-        The step's tokens are read from the first layer (each token is routed to K experts there).
-        """
-        tokens_before = self.tokens_seen
-        self.tokens_seen = tokens_before + counts_LE[0].double().sum() / moe_layers[0].gate.top_k
-        gamma = self.gamma
-        if self.freeze_after_tokens is not None:
-            active = torch.as_tensor(tokens_before, device=counts_LE.device) < self.freeze_after_tokens
-            gamma = active.float() * self.gamma
+    def update(self, moe_layers: list[MoE], counts_LE: torch.Tensor, gamma: float | None = None) -> None:
+        """Apply one bias update from the global (L, E) counts of a step (``gamma`` None: ``self.gamma``)."""
+        self.num_updates += 1
+        gamma = self.gamma if gamma is None else gamma
+        if gamma == 0:
+            return
         delta_LE = bias_update(counts_LE, gamma, self.center)
         for moe, delta_E in zip(moe_layers, delta_LE, strict=True):
             bias = moe.gate.e_score_correction_bias
             bias.copy_(bias.float() + delta_E)
-        self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": int(round(float(self.tokens_seen))), "num_updates": self.num_updates}
+        return {"num_updates": self.num_updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tokens_seen = int(state_dict["tokens_seen"])
         self.num_updates = int(state_dict["num_updates"])

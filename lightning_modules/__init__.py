@@ -1,8 +1,15 @@
-"""Lightning wiring: the DeepSeek-V3 LitModule, LR schedule, batch-size warm-up, atomic checkpoints, the dsv3 CLI."""
+"""Lightning wiring: the DeepSeek-V3 LitModule, schedules, batch-size warm-up, precision, checkpoints, the CLI."""
 
 from lightning_modules.batch_warmup import BatchSizeWarmup
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.module import DeepSeekV3LitModule
+from lightning_modules.precision import MasterWeightPrecision
 from lightning_modules.schedule import WarmupStableCosineLR
 
-__all__ = ["AtomicCheckpointIO", "BatchSizeWarmup", "DeepSeekV3LitModule", "WarmupStableCosineLR"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "BatchSizeWarmup",
+    "DeepSeekV3LitModule",
+    "MasterWeightPrecision",
+    "WarmupStableCosineLR",
+]

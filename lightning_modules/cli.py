@@ -139,7 +139,7 @@ class DSV3CLI(LightningCLI):
                 "to resume from the newest checkpoint of the configured ModelCheckpoint directory"
             )
         hparams = _read_checkpoint(ckpt_path, weights=False).get("hyper_parameters", {})
-        saved = {k: hparams[k] for k in ("preset", "overrides") if k in hparams}
+        saved = {k: hparams[k] for k in ("preset", "overrides", "init_from") if k in hparams}
         if not saved:
             return
         # The checkpoint's model becomes the default; config files and flags parsed on top of it win.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,41 +17,79 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from callbacks.moe_counts import MoECounts
 from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
+from lightning_modules.checkpoint_io import read_checkpoint
 from lightning_modules.nonfinite import NonFiniteGuard
-from lightning_modules.strategy import DeepSeekV3Strategy
+from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
+from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models import DeepSeekV3, DeepSeekV3Config
+from models.config import SHAPE_FIELDS
+from models.hf_checkpoint import load_hf_weights, read_hf_config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.parallel.fp8 import FP8Config, convert_to_fp8
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
+from models.parallel.mixed_precision import main_params
 
 
 def build_config(
-    preset: str, overrides: dict[str, Any] | None = None, vocab_size: int | None = None
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    init_from: str | None = None,
 ) -> DeepSeekV3Config:
-    """The model config: a named preset, then ``overrides``, then the data's ``vocab_size`` (when linked)."""
+    """The model config: a named preset (or ``init_from``'s config), then ``overrides``, then the data's ``vocab_size``.
+
+    With ``init_from`` the checkpoint fixes the shape: ``overrides`` may change other fields only (YaRN, loss
+    weights, ...), and the tokenizer may be smaller than the checkpoint's (padded) vocabulary, not larger.
+    """
     overrides = dict(overrides or {})
+    base = config_from_source(init_from) if init_from else DeepSeekV3Config.from_preset(preset)
     if vocab_size is not None:
         if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
             raise ValueError(
                 f"model.overrides.vocab_size={overrides['vocab_size']} disagrees with the tokenizer's vocab_size="
                 f"{vocab_size} (linked from data.vocab_size); remove vocab_size from model.overrides"
             )
-        overrides["vocab_size"] = vocab_size
-    known = DeepSeekV3Config.from_preset(preset).to_dict()
+        if init_from and vocab_size > base.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens (data.vocab_size) but model.init_from {init_from} embeds "
+                f"{base.vocab_size}; use the checkpoint's tokenizer (data.tokenizer)"
+            )
+        if not init_from:
+            overrides["vocab_size"] = vocab_size
+    known = base.to_dict()
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(
             f"unknown keys {unknown} in model.overrides; valid keys are DeepSeekV3Config fields: {sorted(known)}"
         )
+    reshaped = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != known[k]]
+    if init_from and reshaped:
+        raise ValueError(
+            "model.overrides change the shape of the model.init_from checkpoint ("
+            + "; ".join(f"{k}: {overrides[k]!r}, checkpoint {known[k]!r}" for k in reshaped)
+            + "); the shape comes from the checkpoint, so remove these keys"
+        )
     try:
-        return DeepSeekV3Config.from_preset(preset, **overrides)
+        return DeepSeekV3Config.from_dict({**known, **overrides})
     except ValueError as err:  # name where the value came from
-        raise ValueError(f"model.preset {preset!r} with model.overrides: {err}") from err
+        source = f"model.init_from {init_from}" if init_from else f"model.preset {preset!r}"
+        raise ValueError(f"{source} with model.overrides: {err}") from err
+
+
+def data_parallel_size(trainer: Any) -> int:
+    """Ranks that each read their own batch: the strategy's sampler replicas (its "dp" size), else the world size.
+
+    Under expert or pipeline parallelism the world is larger than the data-parallel group, so tokens are counted
+    with this, not with ``trainer.world_size``.
+    """
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", trainer.world_size))
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -86,6 +125,13 @@ class DeepSeekV3LitModule(LightningModule):
             ``blockwise``) or ``{recipe: ..., experts: true, exclude: [module patterns]}``; None (default): off.
         max_nonfinite_skips: Optimizer steps with a non-finite loss or gradient norm that are skipped (on the
             device, with a fused optimizer) before the run stops; 0 stops at the first (``NonFiniteGuard``).
+        init_from: Start from these weights: a Hugging Face folder of a DeepSeek-V3/Moonlight-shaped model
+            (``config.json`` + safetensors, DeepSeek's FP8 block-scaled release included) or a dsv3 ``.ckpt``.
+            The model config comes from it (``preset`` is not used; ``overrides`` may change non-shape fields,
+            e.g. YaRN for a context extension); the optimizer, LR schedule and ``tokens_seen`` start fresh.
+        mtp_loss_weight_after_tokens: The MTP loss weight by tokens seen, ``{tokens: weight}``: from each key on,
+            its weight; before the first, ``mtp_loss_weight`` of the config (report: 0.3, then
+            ``{10_000_000_000_000: 0.1}``).
     """
 
     def __init__(
@@ -100,13 +146,20 @@ class DeepSeekV3LitModule(LightningModule):
         activation_checkpointing: str = "none",
         fp8: str | FP8Config | None = None,
         max_nonfinite_skips: int = 0,
+        init_from: str | None = None,
+        mtp_loss_weight_after_tokens: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"model.activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
             )
-        self.config = build_config(preset, overrides, vocab_size)
+        if any(t < 0 or w < 0 for t, w in (mtp_loss_weight_after_tokens or {}).items()):
+            raise ValueError(
+                "model.mtp_loss_weight_after_tokens needs tokens >= 0 and weights >= 0, got "
+                f"{mtp_loss_weight_after_tokens}"
+            )
+        self.config = build_config(preset, overrides, vocab_size, init_from)
         self.fp8 = FP8Config.parse(fp8)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
@@ -124,6 +177,8 @@ class DeepSeekV3LitModule(LightningModule):
         self.model: DeepSeekV3 | None = None
         # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
         self.moe_counts: MoECounts | None = None
+        # Global training tokens (all data-parallel ranks): the one count the schedules, the bias callback's
+        # freeze, the batch ramp, checkpoints and logs read.
         self.tokens_seen = 0
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
@@ -156,12 +211,16 @@ class DeepSeekV3LitModule(LightningModule):
             )
             model.to_empty(device=strategy.root_device)  # each rank allocates its shards only
             init_sharded_weights(model, buffer_device=strategy.root_device)
+            if self.hparams.init_from:  # rank 0 reads it, every rank gets its shards
+                load_source_weights(model, self.hparams.init_from)
             self.model = model
             self.moe_counts = MoECounts(model, group=strategy.data_parallel_group)  # summed over dp ranks only
             return
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
         model.init_weights(buffer_device=device)
+        if self.hparams.init_from:  # on a resume the checkpoint's weights replace these right after
+            load_source_weights(model, self.hparams.init_from)
         apply_activation_checkpointing(model, self.hparams.activation_checkpointing)
         if self.hparams.compile:
             compile_blocks(model)
@@ -178,16 +237,18 @@ class DeepSeekV3LitModule(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
-        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
+        mtp_weight = self.mtp_loss_weight()
+        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False, mtp_loss_weight=mtp_weight)
         self.nonfinite.observe_loss(out.loss)
         dp = self._data_parallel_mean()
         self.log("train/loss", out.loss, prog_bar=True, **dp)
         self.log("train/ce_loss", out.ce_loss, **dp)
         if out.mtp_loss is not None:
             self.log("train/mtp_loss", out.mtp_loss, **dp)
+            self.log("train/mtp_loss_weight", mtp_weight)
         if out.balance_loss is not None:
             self.log("train/balance_loss", out.balance_loss, **dp)
-        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * self.trainer.world_size
+        self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1) * data_parallel_size(self.trainer)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return out.loss
@@ -207,6 +268,12 @@ class DeepSeekV3LitModule(LightningModule):
 
     def on_train_end(self) -> None:
         self.nonfinite.check()
+
+    def mtp_loss_weight(self) -> float:
+        """The MTP loss weight at ``tokens_seen`` (``mtp_loss_weight_after_tokens``)."""
+        return value_after_tokens(
+            self.config.mtp_loss_weight, self.hparams.mtp_loss_weight_after_tokens, self.tokens_seen
+        )
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -261,6 +328,13 @@ class DeepSeekV3LitModule(LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step the schedule; a token-driven one (``WarmupStableCosineLR``) gets ``tokens_seen``."""
+        if isinstance(scheduler, WarmupStableCosineLR):
+            scheduler.step(self.tokens_seen)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
+
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
@@ -273,8 +347,8 @@ class DeepSeekV3LitModule(LightningModule):
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP (v1) flat shards: the wrapper reduces the norm over ranks
             norm = wrapped.clip_grad_norm_(max_norm)
         else:  # plain tensors, or DTensors on the dense and the expert meshes (FSDP2 x EP)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            norm = clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+            # The gradients the step applies: MasterWeightAdamW's fp32 sums after accumulation.
+            norm = clip_grad_norm_(main_params(optimizer), max_norm=max_norm, foreach=True)
         self.log("grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
 
@@ -315,3 +389,56 @@ def log_hparams_record(trainer: Any, pl_module: LightningModule, extra: dict[str
             logger.log_hyperparams(hparams, metrics={"hp_metric": math.nan})
         elif extra:  # other loggers already got Lightning's own record; only the extra values are new
             logger.log_hyperparams(hparams)
+
+
+def config_from_source(init_from: str) -> DeepSeekV3Config:
+    """``model.init_from``'s model config: an HF folder's ``config.json``, a dsv3 checkpoint's ``model_config``."""
+    path = Path(init_from)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        return read_hf_config(path)
+    if path.exists():
+        return DeepSeekV3Config.from_dict(_source_checkpoint(path)["model_config"])
+    raise ValueError(
+        f"model.init_from {init_from}: no such folder or file; give a Hugging Face checkpoint folder (config.json + "
+        "safetensors) or a .ckpt written by dsv3 fit"
+    )
+
+
+def load_source_weights(model: DeepSeekV3, init_from: str) -> None:
+    """Copy ``model.init_from``'s weights (and expert biases) into an allocated ``model`` of its shape.
+
+    One device: tensor by tensor into the model (peak: the model plus one tensor). Sharded (DTensor parameters,
+    FSDP2/EP): rank 0 reads the whole state dict into host memory and ``set_model_state_dict`` broadcasts it into
+    every rank's shards, so rank 0 needs host memory for the full fp32 model.
+    """
+    path = Path(init_from)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = _source_state_dict(path, model.config) if torch.distributed.get_rank() == 0 else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+    elif path.is_dir() and not is_sharded_checkpoint(path):
+        load_hf_weights(model, path)
+    else:
+        model.load_state_dict(_source_state_dict(path, model.config))
+
+
+def _source_state_dict(path: Path, config: DeepSeekV3Config) -> dict[str, torch.Tensor]:
+    """``init_from``'s full state dict in this model's names, on the CPU."""
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        with torch.device("meta"):
+            model = DeepSeekV3(config)
+        model.to_empty(device="cpu")
+        model.init_weights()  # the buffers the checkpoint does not hold; every weight is overwritten
+        load_hf_weights(model, path)
+        return model.state_dict()
+    state = _source_checkpoint(path)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def _source_checkpoint(path: Path) -> dict[str, Any]:
+    checkpoint = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else read_checkpoint(path, mmap=True)
+    if "model_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"model.init_from {path}: not a dsv3 checkpoint (no 'model_config'/'state_dict')")
+    return checkpoint

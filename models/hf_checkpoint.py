@@ -438,6 +438,54 @@ def _check_shared_copies(model: DeepSeekV3, plan: _Plan, headers: dict, block: t
             )
 
 
+def _open(path: Path) -> tuple[dict[str, Any], dict[str, tuple[Path, tuple[int, ...], str]]]:
+    """(config.json, safetensors headers) of a checkpoint folder."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json; pass the folder of a Hugging Face checkpoint")
+    return json.loads((path / "config.json").read_text()), _read_headers(_checkpoint_files(path))
+
+
+def read_hf_config(path: str | Path, **config_overrides: Any) -> DeepSeekV3Config:
+    """The model config of an HF checkpoint folder (its ``config.json``, MTP depth as far as the weights hold it).
+
+    Args:
+        path: The checkpoint folder.
+        **config_overrides: DeepSeekV3Config fields to override (training knobs such as ``mtp_loss_weight``).
+            When config.json declares MTP layers that the checkpoint lacks (transformers' exports), the config
+            has none unless ``num_nextn_predict_layers`` is given here.
+    """
+    hf, headers = _open(Path(path))
+    if "num_nextn_predict_layers" not in config_overrides:
+        on_disk = _mtp_depth_on_disk(list(headers), hf["num_hidden_layers"])
+        config_overrides["num_nextn_predict_layers"] = min(hf.get("num_nextn_predict_layers", 0), on_disk)
+    return config_from_hf(hf, **config_overrides)
+
+
+def _checked_plan(model: DeepSeekV3, path: Path) -> tuple[dict[str, Any], dict, tuple[int, int], _Plan]:
+    """What to copy from ``path`` into ``model`` (meta or allocated), every name and shape checked first."""
+    hf, headers = _open(path)
+    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    plan = _make_plan(headers, hf_slots(model), block)
+    _raise_on_problems(plan, path)
+    return hf, headers, block, plan
+
+
+@torch.no_grad()
+def load_hf_weights(model: DeepSeekV3, path: str | Path) -> None:
+    """Copy an HF checkpoint's tensors into ``model`` (allocated, unsharded, of the checkpoint's shape).
+
+    Every tensor name and shape is checked from the safetensors headers before any data is read; tensors are
+    then copied shard by shard into the model's parameters and buffers (cast to their dtypes), FP8 ones
+    dequantised with their block scales.
+
+    Raises:
+        ValueError: Listing missing, unexpected and mis-shaped tensors (names and shapes).
+    """
+    hf, headers, block, plan = _checked_plan(model, Path(path))
+    _fill(model, plan, headers, hf, block)
+    _check_shared_copies(model, plan, headers, block)
+
+
 def load_hf_checkpoint(
     path: str | Path,
     device: torch.device | str | None = None,
@@ -448,16 +496,15 @@ def load_hf_checkpoint(
 
     Reads DeepSeek's released layout (MTP layers after the last layer, FP8 weights with block scales) and what
     transformers 5.x saves (per-expert or fused expert weights, ``rope_parameters``). The model is built on the
-    meta device and filled tensor by tensor, so the weights are never held twice.
+    meta device, checked against the checkpoint, then allocated once and filled tensor by tensor, so the
+    weights are never held twice.
 
     Args:
         path: The checkpoint folder.
         device: Where to put the model (default CPU).
         dtype: Parameter dtype; None = float32 (training master weights), ``"auto"`` = config.json's dtype.
             Expert biases stay float32.
-        **config_overrides: DeepSeekV3Config fields to override (training knobs such as ``mtp_loss_weight``).
-            When config.json declares MTP layers that the checkpoint lacks (transformers' exports), the model is
-            built without them unless ``num_nextn_predict_layers`` is given here.
+        **config_overrides: DeepSeekV3Config fields to override, as for ``read_hf_config``.
 
     Returns:
         The model, in eval mode.
@@ -466,19 +513,9 @@ def load_hf_checkpoint(
         ValueError: Listing missing, unexpected and mis-shaped tensors (names and shapes), or unsupported config.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json; pass the folder of a Hugging Face checkpoint")
-    hf = json.loads((path / "config.json").read_text())
-    headers = _read_headers(_checkpoint_files(path))
-    if "num_nextn_predict_layers" not in config_overrides:
-        on_disk = _mtp_depth_on_disk(list(headers), hf["num_hidden_layers"])
-        config_overrides["num_nextn_predict_layers"] = min(hf.get("num_nextn_predict_layers", 0), on_disk)
-    config = config_from_hf(hf, **config_overrides)
-    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     with torch.device("meta"):
-        model = DeepSeekV3(config)
-    plan = _make_plan(headers, hf_slots(model), block)
-    _raise_on_problems(plan, path)
+        model = DeepSeekV3(read_hf_config(path, **config_overrides))
+    hf, headers, block, plan = _checked_plan(model, path)
     _materialize(model, torch.device(device or "cpu"), _resolve_dtype(dtype, hf))
     _fill(model, plan, headers, hf, block)
     _check_shared_copies(model, plan, headers, block)

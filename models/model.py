@@ -160,7 +160,11 @@ class DeepSeekV3(nn.Module):
         return freqs.real, freqs.imag
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+        mtp_loss_weight: float | None = None,
     ) -> DeepSeekV3Output:
         """Run the model.
 
@@ -169,13 +173,15 @@ class DeepSeekV3(nn.Module):
             labels: (B, S) next-token targets (input_ids shifted by one); -100 is ignored. With labels the
                 output carries the losses, and the MTP depths are run.
             return_logits: Return the (B, S, V) logits; set False to save memory when only the loss is needed.
+            mtp_loss_weight: Weight of the MTP loss in ``loss`` (None: ``config.mtp_loss_weight``); the training
+                loop passes its schedule's value (the report: 0.3, then 0.1).
 
         Returns:
             DeepSeekV3Output.
         """
         cos, sin = self._rope(input_ids.shape[1])
         h, aux_losses = run_blocks(self.layers, self.embed(input_ids), cos, sin)
-        return self.head_and_losses(h, input_ids, labels, cos, sin, aux_losses, return_logits)
+        return self.head_and_losses(h, input_ids, labels, cos, sin, aux_losses, return_logits, mtp_loss_weight)
 
     def head_and_losses(
         self,
@@ -186,12 +192,13 @@ class DeepSeekV3(nn.Module):
         sin: torch.Tensor,
         aux_losses: list[torch.Tensor],
         return_logits: bool = True,
+        mtp_loss_weight: float | None = None,
     ) -> DeepSeekV3Output:
         """The part of ``forward`` after the main blocks: final norm, head, CE, the MTP depths and the total loss.
 
         Args:
             h: (B, S, D) output of the last main block.
-            input_ids, labels, return_logits: As in ``forward``.
+            input_ids, labels, return_logits, mtp_loss_weight: As in ``forward``.
             cos, sin: RoPE tables of the S positions.
             aux_losses: Balance losses of the main blocks (summed into ``balance_loss``; the MTP blocks' are added).
 
@@ -212,7 +219,8 @@ class DeepSeekV3(nn.Module):
         if len(self.mtp) > 0:
             mtp_losses = self._mtp_forward(h, input_ids, labels, cos, sin, aux_losses, out, return_logits)
             out.mtp_loss = torch.stack(mtp_losses).mean()
-            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+            weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+            out.loss = out.loss + weight * out.mtp_loss
         if aux_losses:
             out.balance_loss = torch.stack(aux_losses).sum()
             out.loss = out.loss + out.balance_loss

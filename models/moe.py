@@ -32,7 +32,8 @@ class Gate(nn.Module):
 
     ``e_score_correction_bias`` (b) is a float32 buffer moved only by the aux-loss-free balancing
     callback; it changes which experts are chosen, never the combine weights or the gate's gradients.
-    The gate runs in float32 whatever the surrounding precision.
+    The gate runs in float32 whatever the surrounding precision (autocast is disabled around it); its weight
+    stays float32 too under ``models.parallel.cast_parameters``.
     """
 
     def __init__(self, config: DeepSeekV3Config) -> None:
@@ -54,8 +55,9 @@ class Gate(nn.Module):
             weights_TK: (T, K) float32 combine weights; topk_idx_TK: (T, K) chosen experts;
             scores_TE: (T, E) float32 affinities s (before the bias).
         """
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        scores_TE = logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this F.linear in bf16
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            scores_TE = logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
         choice_TE = scores_TE.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             choice_TGe = choice_TE.view(-1, self.n_group, self.n_experts // self.n_group)

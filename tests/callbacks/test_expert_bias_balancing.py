@@ -15,7 +15,7 @@ from callbacks.expert_bias_balancing import bias_update
 from callbacks.moe_load_monitor import max_vio
 from models import DeepSeekV3, DeepSeekV3Config
 from models.moe import Gate
-from tests.callbacks.conftest import run_gloo_ranks
+from tests.callbacks.conftest import TinyLitModule, run_gloo_ranks
 
 
 def test_bias_update_follows_sign_rule():
@@ -81,9 +81,9 @@ class _RecordUpdates(ExpertBiasBalancing):
         super().__init__(**kwargs)
         self.records = []
 
-    def update(self, moe_layers, counts_LE):
+    def update(self, moe_layers, counts_LE, gamma=None):
         before = torch.stack([m.gate.e_score_correction_bias.clone() for m in moe_layers])
-        super().update(moe_layers, counts_LE)
+        super().update(moe_layers, counts_LE, gamma)
         after = torch.stack([m.gate.e_score_correction_bias.clone() for m in moe_layers])
         self.records.append((counts_LE.clone(), before, after))
 
@@ -100,21 +100,23 @@ def test_one_update_per_optimizer_step_under_accumulation(
         # Two micro-batches of 2 x 16 tokens each in the main MoE layers, 2 x 15 in the MTP one.
         assert counts_LE.sum(dim=1).tolist() == [2 * 2 * 16 * k] * 2 + [2 * 2 * 15 * k]
         torch.testing.assert_close(after - before, bias_update(counts_LE, 0.01))
-    assert int(callback.state_dict()["tokens_seen"]) == 2 * 2 * 2 * 16
     torch.testing.assert_close(callback.records[1][1], callback.records[0][2])  # nothing else moved the bias
 
 
-def test_freeze_after_tokens_stops_updates(tiny_config):
-    model = DeepSeekV3(tiny_config)
-    layers = model.moe_layers()
-    callback = ExpertBiasBalancing(gamma=0.01, freeze_after_tokens=100)
-    counts_LE = torch.arange(3 * 16, dtype=torch.float32).view(3, 16) * 4  # 480 tokens in layer 0
-    callback.update(layers, counts_LE)  # 0 tokens seen before: updates
-    first = layers[0].gate.e_score_correction_bias.clone()
-    assert first.abs().sum() > 0
-    callback.update(layers, counts_LE)  # 120 seen before: frozen
-    torch.testing.assert_close(layers[0].gate.e_score_correction_bias, first)
-    assert callback.state_dict()["tokens_seen"] == 240
+def test_freeze_follows_the_lit_modules_tokens_seen(tmp_path, tiny_config, loader_factory, trainer_factory):
+    from lightning_modules import DeepSeekV3LitModule
+
+    callback = _RecordUpdates(gamma=0.01, freeze_after_tokens=2 * 4 * 16)  # two steps of 4 x 16 tokens
+    module = DeepSeekV3LitModule(overrides=tiny_config.to_dict())
+    trainer = trainer_factory(tmp_path, [callback], max_steps=4)
+    trainer.fit(module, loader_factory(tiny_config, n_batches=4))
+    moved = [not torch.equal(before, after) for _, before, after in callback.records]
+    assert moved == [True, True, False, False]  # while tokens_seen (after the step) <= 128
+    assert module.tokens_seen == 4 * 4 * 16 and callback.num_updates == 4
+    with pytest.raises(ValueError, match="tokens_seen"):  # a module that does not count tokens cannot freeze
+        trainer_factory(tmp_path, [callback], max_steps=1).fit(
+            TinyLitModule(tiny_config), loader_factory(tiny_config, n_batches=1)
+        )
 
 
 def test_checkpoint_keeps_biases_and_state(tmp_path, tiny_config, lit_factory, loader_factory, trainer_factory):
@@ -136,7 +138,7 @@ def test_checkpoint_keeps_biases_and_state(tmp_path, tiny_config, lit_factory, l
     trainer = trainer_factory(tmp_path, [resumed, probe], max_steps=5)
     trainer.fit(lit_factory(tiny_config), loader_factory(tiny_config, n_batches=5), ckpt_path=tmp_path / "last.ckpt")
     torch.testing.assert_close(probe.bias, saved["state_dict"][name])
-    assert resumed.state_dict() == {"tokens_seen": 5 * 4 * 16, "num_updates": 5}
+    assert resumed.state_dict() == {"num_updates": 5}
 
 
 def _rank_biases(rank: int, config: DeepSeekV3Config, batches: torch.Tensor) -> dict:
@@ -249,5 +251,4 @@ def test_ddp_trainer_ranks_agree(tmp_path, tiny_config, lit_factory, loader_fact
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["biases"].abs().sum() > 0
     torch.testing.assert_close(ranks[0]["biases"], ranks[1]["biases"], rtol=0, atol=0)
-    # Each rank trains 3 batches of 4 x 16 tokens; the counts (hence tokens_seen) are global.
-    assert ranks[0]["callback"] == ranks[1]["callback"] == {"tokens_seen": 2 * 3 * 4 * 16, "num_updates": 3}
+    assert ranks[0]["callback"] == ranks[1]["callback"] == {"num_updates": 3}

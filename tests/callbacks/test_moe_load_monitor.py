@@ -46,9 +46,9 @@ class _CountingBalancing(ExpertBiasBalancing):
         super().__init__(**kwargs)
         self.counts = []
 
-    def update(self, moe_layers, counts_LE):
+    def update(self, moe_layers, counts_LE, gamma=None):
         self.counts.append(counts_LE.clone())
-        super().update(moe_layers, counts_LE)
+        super().update(moe_layers, counts_LE, gamma)
 
 
 def _fit(tmp_path, config, lit_factory, loader_factory, trainer_factory, order: str):

@@ -26,7 +26,7 @@ class Windows(Callback):
 
 
 def test_accumulation_ramps_and_windows_stay_whole(tiny_config):
-    warmup, windows = BatchSizeWarmup(start=1, end=3, ramp_steps=4), Windows()
+    warmup, windows = BatchSizeWarmup(start=1, end=3, ramp_tokens=64), Windows()  # micro-batches of 2 x 8 tokens
     module = DeepSeekV3LitModule(preset="tiny", overrides={**tiny_config.to_dict(), "num_nextn_predict_layers": 0})
     data = torch.randint(0, tiny_config.vocab_size, (200, 9))
     trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -35,8 +35,10 @@ def test_accumulation_ramps_and_windows_stay_whole(tiny_config):
     sizes = [n for n, _ in windows.windows]
     assert all(n == acc for n, acc in windows.windows)  # every window as long as the accumulation it was scaled by
     assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 3
-    # targets by step 1, 1, 2, 2, 3, ...: step 4 (6 micro-batches done) may switch to 3 since 6 % 3 == 0
+    # targets 1 + 2 x tokens // 64 after 0, 16, 32, 64, 96 tokens: 1, 1, 2, 3 (waits: 4 % 3 != 0), then 3 at
+    # 6 micro-batches done
     assert sizes == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert module.tokens_seen == sum(sizes) * 2 * 8
 
 
 def test_bad_ramp_is_refused():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lightning_modules import DeepSeekV3LitModule
+from lightning_modules import DeepSeekV3LitModule, MasterWeightPrecision
 from lightning_modules.cli import DSV3CLI
 from models.parallel import MasterWeightAdamW
 from tests.configs.test_configs import ON_THIS_MACHINE
@@ -39,9 +39,13 @@ def test_bench_yaml_builds_the_fast_path():
     cli = DSV3CLI(args=[*args, "--model.overrides", json.dumps(SMALL_MODEL)], run=False)
     module = cli.model
     module.configure_model()
+    cli.trainer.precision_plugin.convert_module(module)  # what the Trainer does before configure_optimizers
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, MasterWeightAdamW) and cli.trainer.gradient_clip_val == 1.0
-    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
-    assert module.model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    assert isinstance(cli.trainer.precision_plugin, MasterWeightPrecision)
+    gate = module.model.moe_layers()[0].gate
+    assert all(p.dtype == torch.bfloat16 for n, p in module.named_parameters() if ".gate." not in n)
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all("master" in optimizer.state[p] for p in optimizer.param_groups[1]["params"])  # bf16 norms
     assert all(block._compiled_call_impl is not None for block in module.model.layers)

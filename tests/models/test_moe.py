@@ -44,6 +44,23 @@ def test_gate_matches_reference_with_selection_changing_bias(tiny_config, n_grou
     torch.testing.assert_close(scores_TE, torch.sigmoid(x_TD @ moe.gate.weight.T))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gate_runs_in_fp32_under_bf16_autocast(tiny_config, weight_dtype):
+    """Under autocast F.linear would run in bf16 even on .float() inputs; the router must not."""
+    moe = MoE(tiny_config)
+    moe.reset_parameters(std=0.5)
+    moe.gate.weight.data = moe.gate.weight.data.to(weight_dtype)  # bf16 weights: the gate still computes in fp32
+    x_TD = torch.randn(256, tiny_config.hidden_size).bfloat16()
+    want = moe.gate(x_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe.gate(x_TD)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[0].dtype == got[2].dtype == torch.float32
+    ref_scores = torch.sigmoid(x_TD.double() @ moe.gate.weight.double().T).float()
+    torch.testing.assert_close(got[2], ref_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_bias_changes_selection_not_combine_weights_or_gradients(tiny_config):
     moe = MoE(tiny_config)
     moe.reset_parameters(std=0.5)

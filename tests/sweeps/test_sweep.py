@@ -443,8 +443,8 @@ SMALL_RUN = {  # the CLI tests' small model and data (tests/lightning_modules/co
     "trainer.max_steps": 4,
     "trainer.val_check_interval": 2,
     "model.lr_scheduler.init_args.warmup_steps": 1,
-    "model.lr_scheduler.init_args.decay_start": 2,
-    "model.lr_scheduler.init_args.decay_steps": 2,
+    "model.lr_scheduler.init_args.decay_start_tokens": 128,  # 2 steps of 2 x 32 tokens
+    "model.lr_scheduler.init_args.decay_tokens": 128,
     "trainer.enable_progress_bar": False,
 }
 
