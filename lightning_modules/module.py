@@ -31,9 +31,9 @@ from models.hf_checkpoint import load_hf_weights, read_hf_config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
 from models.parallel.fp8 import FP8Config, convert_to_fp8
+from models.parallel.mixed_precision import main_params
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
-from models.parallel.mixed_precision import main_params
 
 
 def build_config(
