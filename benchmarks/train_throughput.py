@@ -382,7 +382,7 @@ class _Cycle(IterableDataset):
 
 def lightning_cli_args(config: DeepSeekV3Config, v: Variant, args: argparse.Namespace, device: torch.device) -> list:
     """``dsv3 fit`` flags on top of ``--lightning-config``: the variant's shape and steps, no logger, no validation,
-    and the config's ModelCheckpoint (the last callback) kept but writing nothing."""
+    the config's checkpoint and preemption callbacks are dropped before fit."""
     flags = {
         "model.preset": args.preset,
         "model.compile": v.compile,
@@ -396,8 +396,6 @@ def lightning_cli_args(config: DeepSeekV3Config, v: Variant, args: argparse.Name
         "trainer.limit_val_batches": 0,
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
-        "trainer.callbacks.init_args.save_top_k": 0,
-        "trainer.callbacks.init_args.save_last": False,
     }
     if args.preset == "tiny":
         flags["model.overrides"] = json.dumps({"max_position_embeddings": args.seq_len})
@@ -417,7 +415,9 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
     (the Trainer's own loop, callbacks, logging and clipping included).
     """
     from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from callbacks import Preemption
     from lightning_modules.cli import DSV3CLI
 
     result, timer = Result(v), _Timer(device)
@@ -444,6 +444,8 @@ def measure_lightning(config: DeepSeekV3Config, v: Variant, args: argparse.Names
         trainer_defaults={"callbacks": [StepTimer()]},  # appended to the config's callbacks
         save_config_callback=None,  # no logger, so it would write config.yaml into the working directory
     )
+    # The config's checkpoint callback (and Preemption, which saves through it) stay out: no checkpoints written.
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ModelCheckpoint | Preemption)]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     times = timer.intervals_ms()[args.warmup :]
     _fill(result, times, config, v, args, device)
