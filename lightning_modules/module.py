@@ -229,7 +229,9 @@ class DeepSeekV3LitModule(LightningModule):
             if self.hparams.init_from:  # rank 0 reads it, every rank gets its shards
                 load_source_weights(model, self.hparams.init_from)
             self.model = model
-            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group)  # summed over dp ranks only
+            # Summed over the dp ranks only; the pipeline ranks hold other layers, gathered for the logs.
+            stages = self.pipelined.group if self.pipelined is not None else None
+            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group, stage_group=stages)
             return
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)

@@ -74,6 +74,7 @@ class NaNGradient(Callback):
 
 def args_for(out: Path, devices: int = 1, **strategy: int) -> list[str]:
     args = small_args(out, max_steps=STEPS, devices=devices, deterministic=True, val_check_interval=SAVE_AT)
+    args += ["--trainer.log_every_n_steps=2"]
     dp = devices // strategy.get("pp", 1)
     args += ["--model.overrides", json.dumps(MODEL), "--data.order=global", f"--data.batch_size={GLOBAL_BATCH // dp}"]
     args += ["--model.mtp_loss_weight_after_tokens", json.dumps(MTP_SCHEDULE)]
@@ -139,6 +140,27 @@ def test_pipelined_fit_gives_the_single_process_losses_and_biases(runs, layout):
     assert len(single["losses"]) == STEPS and len(single["val"]) == STEPS // SAVE_AT
     assert any(b.abs().sum() > 0 for b in single["biases"].values())  # the balancing moved them
     _check_like(runs[layout], single)
+
+
+def moe_scalars(run: Path) -> dict[str, list[float]]:
+    """The ``moe/*`` scalars a run wrote to TensorBoard (rank 0 writes them), by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (version,) = (run / "runs").glob("*/version_*")
+    events = EventAccumulator(str(version))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("moe/")}
+
+
+@pytest.mark.parametrize("layout", ["pp", "pp_ep"])
+def test_moe_metrics_cover_the_layers_of_every_stage(runs, layout):
+    single, pipelined = moe_scalars(runs["root"] / "single"), moe_scalars(runs["root"] / layout)
+    layers = {f"moe/layer{i}/max_vio" for i in (1, 2, 3, 4)}  # layer 0 is dense; 4 is the MTP block
+    assert layers <= set(single) and {f"moe/layer{i}/router_entropy" for i in (1, 2, 3, 4)} <= set(single)
+    assert set(pipelined) == set(single)
+    for tag, values in single.items():
+        assert len(values) == STEPS // 2
+        torch.testing.assert_close(pipelined[tag], values, rtol=1e-5, atol=1e-6, msg=tag)
 
 
 def test_pipelined_resume_is_exact(runs):
