@@ -46,6 +46,8 @@ class MoECounts:
         group: Process group the counts are summed over: the data-parallel ranks, each of which routes its own
             tokens. ``None`` is the default group (all ranks: right for DDP and plain FSDP); with expert,
             tensor or pipeline parallelism pass the data-parallel group (e.g. ``mesh["dp"].get_group()``).
+        stage_group: Under pipeline parallelism, the pipeline ranks (``mesh["pp"].get_group()``), which hold
+            other layers: ``gather_stages`` collects every layer's statistics from them for logging.
 
     Attributes:
         layer_ids: Block index of each row (MTP blocks numbered after the main blocks).
@@ -53,11 +55,15 @@ class MoECounts:
         group: The process group of the reductions; may be set after construction, before training.
     """
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, group: dist.ProcessGroup | None = None, stage_group: dist.ProcessGroup | None = None
+    ) -> None:
         found = find_moe_layers(model)
         self.layer_ids = [i for i, _ in found]
         self.layers = [m for _, m in found]
         self.group = group
+        self.stage_group = stage_group
+        self._stage_layer_ids: list[list[int]] | None = None  # every pipeline rank's layer_ids, gathered once
         self._step: int | None = None
         self._counts_LE: torch.Tensor | None = None
 
@@ -97,6 +103,29 @@ class MoECounts:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def gather_stages(self, values_LX: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Per-layer rows of this rank and of the other pipeline stages, in layer order: (layer ids, (L_all, ...)).
+
+        ``values_LX`` holds one row per ``layer_ids`` entry (counts, statistics, biases). A collective over
+        ``stage_group`` (call it on every pipeline rank); without one, this rank's rows as they are.
+        """
+        if self.stage_group is None or dist.get_world_size(self.stage_group) == 1:
+            return self.layer_ids, values_LX
+        if self._stage_layer_ids is None:
+            self._stage_layer_ids = [None] * dist.get_world_size(self.stage_group)
+            dist.all_gather_object(self._stage_layer_ids, self.layer_ids, group=self.stage_group)
+        padded = values_LX.new_zeros((max(map(len, self._stage_layer_ids)), *values_LX.shape[1:]))
+        padded[: len(self.layer_ids)] = values_LX
+        gathered = [torch.empty_like(padded) for _ in self._stage_layer_ids]
+        dist.all_gather(gathered, padded, group=self.stage_group)
+        rows = [
+            (layer, rank_rows[j])
+            for ids, rank_rows in zip(self._stage_layer_ids, gathered, strict=True)
+            for j, layer in enumerate(ids)
+        ]
+        rows.sort(key=lambda row: row[0])
+        return [layer for layer, _ in rows], torch.stack([row for _, row in rows])
 
     @staticmethod
     def counting(module: nn.Module) -> bool:

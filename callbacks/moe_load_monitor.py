@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.moe_counts import MoECounts, moe_counts_of
+from callbacks.moe_counts import moe_counts_of
 from callbacks.optimizer_step import OptimizerStepTracker
 
 
@@ -96,24 +96,28 @@ class MoELoadMonitor(Callback):
         every, image_every = self._every(trainer)
         if trainer.global_step % every:
             return
-        metrics = self.metrics(counts, counts_LE)
+        # Under pipeline parallelism every stage's layers, gathered from the pipeline ranks (a collective).
+        layer_ids, counts_LE = counts.gather_stages(counts_LE)
+        metrics = self.metrics(layer_ids, counts.gates[0].n_group, counts_LE)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if trainer.global_step % image_every == 0 and trainer.is_global_zero:
-            self.log_images(trainer, counts, counts_LE)
+        if trainer.global_step % image_every == 0:
+            biases_LE = torch.stack([gate.e_score_correction_bias.detach().float() for gate in counts.gates])
+            _, biases_LE = counts.gather_stages(biases_LE)
+            if trainer.is_global_zero:
+                self.log_images(trainer, layer_ids, counts_LE, biases_LE)
 
     @staticmethod
-    def metrics(counts: MoECounts, counts_LE: torch.Tensor) -> dict[str, float]:
-        """Scalar metrics of one step's global (L, E) loads (one device-to-host copy)."""
-        n_group = counts.gates[0].n_group
+    def metrics(layer_ids: list[int], n_group: int, counts_LE: torch.Tensor) -> dict[str, float]:
+        """Scalar metrics of one step's global (L, E) loads of the layers ``layer_ids`` (one device-to-host copy)."""
         vio_L = max_vio(counts_LE)
         share_LG = group_share(counts_LE, n_group)
         group_vio_L = max_vio(share_LG)
         dead = (counts_LE == 0).sum().float()
         packed = torch.cat((vio_L, share_LG.mean(dim=0), group_vio_L.mean().view(1), dead.view(1))).tolist()
-        n_layers = len(counts.layer_ids)
+        n_layers = len(layer_ids)
         vio, shares, (group_vio, dead) = packed[:n_layers], packed[n_layers:-2], packed[-2:]
-        metrics = {f"moe/layer{i}/max_vio": v for i, v in zip(counts.layer_ids, vio, strict=True)}
+        metrics = {f"moe/layer{i}/max_vio": v for i, v in zip(layer_ids, vio, strict=True)}
         metrics["moe/max_vio"] = sum(vio) / n_layers
         metrics["moe/max_vio_max"] = max(vio)
         metrics["moe/dead_experts"] = dead
@@ -123,8 +127,8 @@ class MoELoadMonitor(Callback):
         return metrics
 
     @staticmethod
-    def log_images(trainer: Trainer, counts: MoECounts, counts_LE: torch.Tensor) -> None:
-        """The expert-load heatmap and the bias histograms, to every TensorBoardLogger."""
+    def log_images(trainer: Trainer, layer_ids: list[int], counts_LE: torch.Tensor, biases_LE: torch.Tensor) -> None:
+        """The expert-load heatmap and the bias histograms of the layers ``layer_ids``, to every TensorBoardLogger."""
         counts_LE = counts_LE.float()
         image = load_heatmap(counts_LE / counts_LE.mean(dim=1, keepdim=True).clamp_min(1e-12))
         for logger in trainer.loggers:
@@ -132,6 +136,5 @@ class MoELoadMonitor(Callback):
                 continue
             writer = logger.experiment
             writer.add_image("moe/expert_load", image, trainer.global_step, dataformats="CHW")
-            for i, gate in zip(counts.layer_ids, counts.gates, strict=True):
-                bias = gate.e_score_correction_bias.detach().float().cpu()
-                writer.add_histogram(f"moe/layer{i}/expert_bias", bias, trainer.global_step)
+            for i, bias_E in zip(layer_ids, biases_LE.cpu(), strict=True):
+                writer.add_histogram(f"moe/layer{i}/expert_bias", bias_E, trainer.global_step)

@@ -126,8 +126,9 @@ class RouterEntropyMonitor(Callback):
             rank_zero_warn("RouterEntropyMonitor: the gate hooks saw no token, so no router entropy is logged")
             self._hooks = None
             return
+        # Under pipeline parallelism every stage's layers, gathered from the pipeline ranks (a collective).
+        layer_ids, entropy_L = moe_counts_of(pl_module, type(self).__name__).gather_stages(entropy_L)
         values = entropy_L.tolist()
-        layer_ids = moe_counts_of(pl_module, type(self).__name__).layer_ids
         metrics = {f"moe/layer{i}/router_entropy": h for i, h in zip(layer_ids, values, strict=True)}
         metrics["moe/router_entropy"] = sum(values) / len(values)
         for logger in trainer.loggers:

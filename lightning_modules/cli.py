@@ -41,6 +41,7 @@ from lightning_modules.checkpoint_io import (
 from lightning_modules.config_include import PARSER_MODE, expand_config_args
 from lightning_modules.module import DeepSeekV3LitModule
 from lightning_modules.nonfinite import NonFiniteError
+from lightning_modules.pipelining import check_pipeline
 from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models.parallel.mixed_precision import cast_parameters
 
@@ -146,10 +147,14 @@ class DSV3CLI(LightningCLI):
         self._subcommand_parsers[subcommand].set_defaults({f"model.{k}": v for k, v in saved.items()})
         self.parse_arguments(self.parser, self._raw_args)
 
-    def before_fit(self) -> None:
-        """Check the parallel layout against the model, and the checkpoint's kind, before any process starts."""
-        if isinstance(self.trainer.strategy, DeepSeekV3Strategy):
-            self.trainer.strategy.check_model(self.model.config)
+    def _check_layout(self) -> None:
+        """Check the parallel layout against the model (the pipeline against the batch too), and the checkpoint's
+        kind, before any process starts."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSeekV3Strategy):
+            strategy.check_model(self.model.config)
+            batch_size = getattr(self.datamodule, "batch_size", None)
+            check_pipeline(self.model.config, self.model.pipeline, strategy.parallel_dims.pp, batch_size)
             return
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path and is_sharded_checkpoint(ckpt_path):
@@ -159,7 +164,7 @@ class DSV3CLI(LightningCLI):
                 f"dsv3 convert --ckpt_path {ckpt_path} --to_ckpt OUT.ckpt"
             )
 
-    before_validate = before_test = before_fit
+    before_validate = before_test = _check_layout
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -169,6 +174,7 @@ class DSV3CLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Fail now, not at the first save or validation 50 steps in, on what Lightning checks only then."""
+        self._check_layout()
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None) is not None:
                 check_writable_dir(callback.dirpath, "trainer.callbacks.init_args.dirpath")

@@ -23,6 +23,7 @@ from callbacks.moe_counts import MoECounts
 from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
 from lightning_modules.checkpoint_io import read_checkpoint
 from lightning_modules.nonfinite import NonFiniteGuard
+from lightning_modules.pipelining import PipelinedSteps
 from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
 from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models import DeepSeekV3, DeepSeekV3Config
@@ -34,6 +35,7 @@ from models.parallel.fp8 import FP8Config, convert_to_fp8
 from models.parallel.mixed_precision import main_params
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
+from models.parallel.pipeline import PipelineConfig
 
 
 def build_config(
@@ -132,6 +134,9 @@ class DeepSeekV3LitModule(LightningModule):
         mtp_loss_weight_after_tokens: The MTP loss weight by tokens seen, ``{tokens: weight}``: from each key on,
             its weight; before the first, ``mtp_loss_weight`` of the config (report: 0.3, then
             ``{10_000_000_000_000: 0.1}``).
+        pipeline: How the model is pipelined when ``DeepSeekV3Strategy`` has ``pp > 1``: schedule, micro-batches,
+            layers per stage (``models.parallel.pipeline.PipelineConfig``); None there = DualPipeV with as many
+            micro-batches as stages. Not used without pipeline parallelism. docs/pipeline.md.
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class DeepSeekV3LitModule(LightningModule):
         max_nonfinite_skips: int = 0,
         init_from: str | None = None,
         mtp_loss_weight_after_tokens: dict[int, float] | None = None,
+        pipeline: PipelineConfig | dict | None = None,
     ) -> None:
         super().__init__()
         if activation_checkpointing not in AC_MODES:
@@ -169,12 +175,16 @@ class DeepSeekV3LitModule(LightningModule):
             )
         # vocab_size/seq_len are the datamodule's hyperparameters (Lightning refuses two different values
         # under one name); the resolved config carries the model's, for TensorBoard and checkpoint readers.
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "vocab_size", "seq_len", "pipeline"])
         self.hparams["model_config"] = self.config.to_dict()
         self.hparams["fp8"] = dataclasses.asdict(self.fp8) if self.fp8 is not None else None
+        # A plain dict in the hyperparameters (checkpoints load with weights_only); load_from_checkpoint passes it back.
+        self.pipeline = PipelineConfig(**pipeline) if isinstance(pipeline, dict) else pipeline
+        self.hparams["pipeline"] = dataclasses.asdict(self.pipeline) if self.pipeline is not None else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.nonfinite = NonFiniteGuard(max_nonfinite_skips)
         self.model: DeepSeekV3 | None = None
+        self.pipelined: PipelinedSteps | None = None  # set by configure_model when the strategy has pp > 1
         # The per-step expert loads the MoE callbacks share (callbacks.moe_counts); built with the model.
         self.moe_counts: MoECounts | None = None
         # Global training tokens (all data-parallel ranks): the one count the schedules, the bias callback's
@@ -201,6 +211,10 @@ class DeepSeekV3LitModule(LightningModule):
                 model, self.fp8, device=strategy.root_device if sharded else torch.get_default_device(), fsdp=sharded
             )
         if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
+            if strategy.parallel_dims.pp > 1:  # this pp rank keeps the modules of its stages only
+                ac = self.hparams.activation_checkpointing
+                self.pipelined = PipelinedSteps(self.pipeline or PipelineConfig(), strategy.device_mesh, ac)
+                self.pipelined.prune(model)
             parallelize(
                 model,
                 strategy.device_mesh,
@@ -208,13 +222,16 @@ class DeepSeekV3LitModule(LightningModule):
                 activation_checkpointing=self.hparams.activation_checkpointing,
                 compile=self.hparams.compile,
                 ranks_per_node=strategy.num_processes,
+                ep_backward_group=self.pipelined is not None and self.pipelined.ep_backward_group,
             )
             model.to_empty(device=strategy.root_device)  # each rank allocates its shards only
             init_sharded_weights(model, buffer_device=strategy.root_device)
             if self.hparams.init_from:  # rank 0 reads it, every rank gets its shards
                 load_source_weights(model, self.hparams.init_from)
             self.model = model
-            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group)  # summed over dp ranks only
+            # Summed over the dp ranks only; the pipeline ranks hold other layers, gathered for the logs.
+            stages = self.pipelined.group if self.pipelined is not None else None
+            self.moe_counts = MoECounts(model, group=strategy.data_parallel_group, stage_group=stages)
             return
         device = torch.get_default_device()  # the strategy's root device inside Lightning's init context
         model.to_empty(device=device)
@@ -233,12 +250,21 @@ class DeepSeekV3LitModule(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def on_fit_start(self) -> None:
+        if self.pipelined is not None and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported with "
+                "pipeline parallelism (the schedule accumulates its micro-batches); raise "
+                "model.pipeline.n_microbatches and data.batch_size instead"
+            )
         log_hparams_record(self.trainer, self)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch (B, S+1) int64: inputs ``[:, :-1]``, next-token labels ``[:, 1:]``."""
         mtp_weight = self.mtp_loss_weight()
-        out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False, mtp_loss_weight=mtp_weight)
+        if self.pipelined is not None:  # the schedule runs every micro-batch's forward and backward
+            out = self.pipelined.train_step(batch, mtp_loss_weight=mtp_weight)
+        else:
+            out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False, mtp_loss_weight=mtp_weight)
         self.nonfinite.observe_loss(out.loss)
         dp = self._data_parallel_mean()
         self.log("train/loss", out.loss, prog_bar=True, **dp)
@@ -257,6 +283,8 @@ class DeepSeekV3LitModule(LightningModule):
         """``self.log`` arguments for the mean over the data-parallel ranks under ``DeepSeekV3Strategy``, whose ranks
         each train on their own rows of the global batch (one small all-reduce per scalar; no host sync)."""
         strategy = self.trainer.strategy
+        if self.pipelined is not None:  # the pipeline's losses are the global batch's means already
+            return {}
         if isinstance(strategy, DeepSeekV3Strategy) and strategy.parallel_dims.dp > 1:
             return {"sync_dist": True, "sync_dist_group": strategy.data_parallel_group}
         return {}
@@ -283,12 +311,15 @@ class DeepSeekV3LitModule(LightningModule):
 
     def _eval_step(self, batch: torch.Tensor) -> None:
         labels = batch[:, 1:]
-        out = self.model(batch[:, :-1], labels=labels, return_logits=False)
+        if self.pipelined is not None:
+            ce_loss = self.pipelined.eval_step(batch)
+        else:
+            ce_loss = self.model(batch[:, :-1], labels=labels, return_logits=False).ce_loss
         n = (labels != -100).sum()
         if self._val_sum is None:
             self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
             self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_sum += out.ce_loss.detach().double() * n  # token-weighted mean over the whole split
+        self._val_sum += ce_loss.detach().double() * n  # token-weighted mean over the whole split
         self._val_count += n
 
     def on_validation_epoch_start(self) -> None:
@@ -316,6 +347,16 @@ class DeepSeekV3LitModule(LightningModule):
                 logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self._checkpoint_step)
 
     # ------------------------------------------------------------------ optimisation
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.pipelined is None:  # under pipelining the schedule already ran the backward
+            super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning zeroes between training_step and backward; under pipelining the gradients exist by then (the
+        # pipelined step clears them before its schedule).
+        if self.pipelined is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.model)
         if self.optimizer_factory is None:
@@ -348,7 +389,9 @@ class DeepSeekV3LitModule(LightningModule):
             norm = wrapped.clip_grad_norm_(max_norm)
         else:  # plain tensors, or DTensors on the dense and the expert meshes (FSDP2 x EP)
             # The gradients the step applies: MasterWeightAdamW's fp32 sums after accumulation.
-            norm = clip_grad_norm_(main_params(optimizer), max_norm=max_norm, foreach=True)
+            # Under pipelining each rank holds other parameters: the norm sums over the pp group.
+            group = self.pipelined.group if self.pipelined is not None else None
+            norm = clip_grad_norm_(main_params(optimizer), max_norm=max_norm, foreach=True, group=group)
         self.log("grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
 
@@ -409,10 +452,17 @@ def load_source_weights(model: DeepSeekV3, init_from: str) -> None:
 
     One device: tensor by tensor into the model (peak: the model plus one tensor). Sharded (DTensor parameters,
     FSDP2/EP): rank 0 reads the whole state dict into host memory and ``set_model_state_dict`` broadcasts it into
-    every rank's shards, so rank 0 needs host memory for the full fp32 model.
+    every rank's shards, so rank 0 needs host memory for the full fp32 model. A pipeline stage (``prune_to_stages``:
+    each pp rank holds other layers) reads the whole state dict on every rank and keeps its own entries.
     """
     path = Path(init_from)
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if isinstance(model.layers, nn.ModuleDict):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        own = model.state_dict()
+        full = {k: v for k, v in _source_state_dict(path, model.config).items() if k in own}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    elif any(isinstance(p, DTensor) for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         full = _source_state_dict(path, model.config) if torch.distributed.get_rank() == 0 else {}

@@ -217,6 +217,12 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
             for i, optimizer in enumerate(optimizers):
                 set_optimizer_state_dict(module, optimizer, state[f"optimizer_{i}"], options=_flat())
             return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+        if self.parallel_dims.pp > 1:  # its optimizer state lists the parameters of the whole model by position
+            raise ValueError(
+                f"--ckpt_path {path} is a single-file checkpoint, which cannot be resumed under pipeline parallelism "
+                f"(trainer.strategy.init_args.pp={self.parallel_dims.pp}); start from its weights with "
+                "--model.init_from (a fresh optimizer), or resume it without pp"
+            )
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
         full = StateDictOptions(full_state_dict=True, strict=strict)
         set_model_state_dict(module, checkpoint.pop("state_dict"), options=full)

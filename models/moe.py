@@ -6,6 +6,10 @@ G groups, F expert hidden dim, TK = T*K routed (token, expert) pairs.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,6 +165,44 @@ def is_recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_pending = threading.local()  # .call: the shared experts of the MoE forward this thread is in (see run_shared_experts)
+
+
+class _SharedExpertsCall:
+    """The shared experts of one MoE forward, run once: early through ``run_shared_experts``, else where the layer
+    adds their output."""
+
+    def __init__(self, module: nn.Module, x_TD: torch.Tensor) -> None:
+        self.module, self.x_TD, self.out_TD = module, x_TD, None
+
+    def __call__(self) -> torch.Tensor:
+        if self.out_TD is None:
+            self.out_TD = self.module(self.x_TD)
+        return self.out_TD
+
+
+@contextmanager
+def _shared_experts_pending(call: _SharedExpertsCall) -> Iterator[None]:
+    previous, _pending.call = getattr(_pending, "call", None), call
+    try:
+        yield
+    finally:
+        _pending.call = previous
+
+
+def run_shared_experts() -> None:
+    """Compute, now, the shared experts of the MoE layer whose routed experts this thread is running (once).
+
+    A seam for what wraps ``GroupedExperts`` from outside: expert parallelism calls it after issuing its dispatch
+    all-to-all and before waiting for it, so the shared experts' compute overlaps the communication (Megatron's
+    shared-expert overlap). The output is the same; only the order of the work changes. Outside a MoE forward, or
+    once they ran, it does nothing.
+    """
+    call = getattr(_pending, "call", None)
+    if call is not None:
+        call()
+
+
 class _Dispatch(torch.autograd.Function):
     """``x_TD[order_TK // K]``: each token's K copies, sorted by expert. The backward gathers the copies' gradients
     back into (token, k) order and sums over k, where autograd's would scatter-add them into (T, D): atomic adds
@@ -291,9 +333,15 @@ class MoE(nn.Module):
         if self.training and not is_recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += counts_E
-        y_TD = self.routed(x_TD, weights_TK, topk_idx_TK, counts_E)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        if self.shared_experts is None or torch.compiler.is_compiling():
+            y_TD = self.routed(x_TD, weights_TK, topk_idx_TK, counts_E)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD)
+        else:  # the routed experts' wrapper may run the shared ones earlier (run_shared_experts), or they run here
+            shared = _SharedExpertsCall(self.shared_experts, x_TD)
+            with _shared_experts_pending(shared):
+                y_TD = self.routed(x_TD, weights_TK, topk_idx_TK, counts_E)
+            y_TD = y_TD + shared()
         aux = None
         if self.training and self.seq_aux_alpha > 0:
             aux = sequence_balance_loss(scores_TE, topk_idx_TK, bsz, self.seq_aux_alpha)

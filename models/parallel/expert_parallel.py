@@ -15,6 +15,10 @@ collectives on one process group in racing orders: with ``backward_group`` the e
 pass (the all-to-alls' own backward, activation checkpointing's replay of the forward) go to a second group over the
 same ranks, so each group sees one order, the same on every EP peer.
 
+Shared-expert overlap: the dispatch all-to-all of the routed tokens is issued asynchronously, the layer's shared
+experts are computed (``models.moe.run_shared_experts``) while it is in flight, and only then is it waited for (at
+the first use of its output). Same math, another order of the work; ``overlap_shared_experts=False`` turns it off.
+
 The one host synchronisation EP adds: the split sizes of the uneven all-to-all must be Python ints, so each MoE
 layer's forward copies its (2, P) send/receive row counts to the host once (in the dispatch, after the all-to-all of
 the per-expert counts). Activation checkpointing recomputes the forward, and with it this copy, in the backward.
@@ -31,7 +35,7 @@ from torch.distributed._functional_collectives import all_to_all_single, all_to_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
-from models.moe import GroupedExperts, is_recomputing, permute_rows
+from models.moe import GroupedExperts, is_recomputing, permute_rows, run_shared_experts
 
 
 class ExpertParallel:
@@ -42,10 +46,12 @@ class ExpertParallel:
     Args:
         backward_group: A second process group over the same ranks as the ``ep`` mesh, for the exchanges issued
             inside backward passes; None = everything on the ``ep`` mesh's group.
+        overlap_shared_experts: Compute the MoE layer's shared experts while the dispatch all-to-all is in flight.
     """
 
-    def __init__(self, backward_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, backward_group: dist.ProcessGroup | None = None, overlap_shared_experts: bool = True) -> None:
         self.backward_group = backward_group
+        self.overlap_shared_experts = overlap_shared_experts
         self._local = threading.local()
 
     def apply(self, experts: GroupedExperts, ep_mesh: DeviceMesh) -> GroupedExperts:
@@ -61,6 +67,7 @@ class ExpertParallel:
         return self.backward_group if self.backward_group is not None and is_recomputing() else mesh.get_group()
 
     def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], mesh: DeviceMesh) -> torch.Tensor:
+        """The uneven all-to-all of ``x``'s rows, issued: the result is waited for at its first use."""
         if self.backward_group is None:
             return all_to_all_single_autograd(x, out_splits, in_splits, mesh.get_group())
         return _AllToAll.apply(x, out_splits, in_splits, self._group(mesh), self.backward_group)
@@ -78,7 +85,9 @@ class ExpertParallel:
             splits = torch.stack((counts_E.view(n_ranks, -1).sum(dim=1), counts_PEl.sum(dim=1)))
             send, recv = splits.cpu().tolist()  # the host sync: all-to-all split sizes must be ints
         x_ND = x_ND[: sum(send)]  # rows past the last group: padding (of FP8 experts' aligned groups), not sent
-        x_MD = self._exchange(x_ND, recv, send, mesh)  # rows by (source rank, local expert)
+        x_MD = self._exchange(x_ND, recv, send, mesh)  # rows by (source rank, local expert); in flight
+        if self.overlap_shared_experts:
+            run_shared_experts()  # their compute overlaps the exchange, waited for below
         # Regroup the rows by local expert (stable: each source's rows keep their order) for the grouped GEMMs.
         n_local = counts_PEl.shape[1]
         expert_of_row = torch.arange(n_local, device=x_ND.device).repeat(n_ranks)
@@ -98,12 +107,13 @@ class ExpertParallel:
 
 
 class _AllToAll(torch.autograd.Function):
-    """Uneven all-to-all on ``group``, whose backward (the reverse exchange) runs on ``backward_group``."""
+    """Uneven all-to-all on ``group``, whose backward (the reverse exchange) runs on ``backward_group``. The forward
+    returns the collective's pending result (waited for at its first use), as ``all_to_all_single_autograd`` does."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, backward_group):  # noqa: ANN001, ANN205
         ctx.splits, ctx.backward_group = (in_splits, out_splits), backward_group
-        return wait_tensor(all_to_all_single(x.contiguous(), out_splits, in_splits, group))
+        return all_to_all_single(x.contiguous(), out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -119,16 +129,19 @@ def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_expert_parallel(
-    model: nn.Module, ep_mesh: DeviceMesh, backward_group: dist.ProcessGroup | None = None
+    model: nn.Module,
+    ep_mesh: DeviceMesh,
+    backward_group: dist.ProcessGroup | None = None,
+    overlap_shared_experts: bool = True,
 ) -> nn.Module:
     """Shard the routed experts of every MoE layer (main and MTP blocks) of ``model`` over ``ep_mesh``.
 
-    ``backward_group``: see ``ExpertParallel``.
+    ``backward_group``, ``overlap_shared_experts``: see ``ExpertParallel``.
     """
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             n_experts = module.w1.shape[0]
             if n_experts % ep_mesh.size():
                 raise ValueError(f"ep ({ep_mesh.size()}) must divide n_routed_experts ({n_experts})")
-            ExpertParallel(backward_group).apply(module, ep_mesh)
+            ExpertParallel(backward_group, overlap_shared_experts).apply(module, ep_mesh)
     return model

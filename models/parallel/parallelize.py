@@ -45,6 +45,7 @@ def parallelize(
     reshard_after_forward: bool = True,
     ranks_per_node: int | None = None,
     ep_backward_group: bool = False,
+    overlap_shared_experts: bool = True,
 ) -> DeepSeekV3:
     """Apply EP -> AC -> compile -> FSDP2 to ``model`` (built on the meta device) in place.
 
@@ -60,6 +61,8 @@ def parallelize(
         ranks_per_node: Ranks (GPUs) per node, needed for ``routing_groups: nodes``.
         ep_backward_group: Issue EP's all-to-alls of backward passes on a second process group over the same
             ranks, for schedules that overlap a forward and a backward (``pipeline.overlap``).
+        overlap_shared_experts: Under EP, compute each MoE layer's shared experts while its dispatch all-to-all is
+            in flight (``models.parallel.expert_parallel``); False runs them after the routed experts.
 
     Returns:
         The same model.
@@ -72,7 +75,7 @@ def parallelize(
         raise ValueError("tie_word_embeddings is not supported under FSDP2 (parallelize); set it to false")
     if dims.ep > 1:
         backward_group = new_ep_backward_group(mesh) if ep_backward_group else None
-        apply_expert_parallel(model, submesh(mesh, "ep"), backward_group)
+        apply_expert_parallel(model, submesh(mesh, "ep"), backward_group, overlap_shared_experts)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         compile_blocks(model)

@@ -228,6 +228,7 @@ class Stage(nn.Module):
         self.owner = (model,)  # a tuple: not registered, so the model's modules are not children twice
         self.is_first, self.is_last = is_first, is_last
         self.scale = 1.0  # 1 / micro-batches, set by build_pipeline
+        self.mtp_loss_weight: float | None = None  # None: the config's; set per step by PipelineRunner.step
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         if is_first:
             # Registered with stage 0 only, even where the last stage (MTP) uses it too: one owner per parameter
@@ -253,7 +254,9 @@ class Stage(nn.Module):
         """CE + MTP weight x MTP + the MTP blocks' balance loss of one micro-batch, divided by the micro-batches."""
         model = self.owner[0]
         cos, sin = model._rope(h.shape[1])
-        out = model.head_and_losses(h, tokens[:, :-1], tokens[:, 1:], cos, sin, [], return_logits=False)
+        out = model.head_and_losses(
+            h, tokens[:, :-1], tokens[:, 1:], cos, sin, [], return_logits=False, mtp_loss_weight=self.mtp_loss_weight
+        )
         zero = torch.zeros((), device=h.device)
         mtp = out.mtp_loss if out.mtp_loss is not None else zero
         balance = out.balance_loss if out.balance_loss is not None else zero
@@ -343,18 +346,21 @@ class PipelineRunner:
     def has_last(self) -> bool:
         return any(s.is_last for s in self.stages)
 
-    def step(self, tokens: torch.Tensor) -> PipelineLosses:
+    def step(self, tokens: torch.Tensor, mtp_loss_weight: float | None = None) -> PipelineLosses:
         """Forward and backward of a (B, S+1) batch (the rank's own: the same on every rank of its pp group).
 
         Gradients accumulate into ``.grad`` of this rank's parameters, scaled as the single-process mean loss of
-        the global batch (all dp ranks' rows).
+        the global batch (all dp ranks' rows). ``mtp_loss_weight`` weighs the MTP loss in the loss and its gradient
+        (None: ``config.mtp_loss_weight``), as ``DeepSeekV3.forward``'s argument does.
         """
+        for stage in self.stages:
+            stage.mtp_loss_weight = mtp_loss_weight
         args = (tokens,) if self.has_first else ()
         target = tokens if self.has_last else None
         self.schedule.step(*args, target=target)
         if self.data_parallel is not None:
             self.data_parallel.average_grads(list(self.model.parameters()))
-        return self.reduce_losses(tokens.device)
+        return self.reduce_losses(tokens.device, mtp_loss_weight)
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor) -> PipelineLosses:
@@ -380,7 +386,7 @@ class PipelineRunner:
                     dist.send(x.contiguous(), group=self.group, group_dst=owner[s + 1])
         return self.reduce_losses(tokens.device)
 
-    def reduce_losses(self, device: torch.device) -> PipelineLosses:
+    def reduce_losses(self, device: torch.device, mtp_loss_weight: float | None = None) -> PipelineLosses:
         """The step's mean losses from the values the stages recorded (one all-reduce over the pp group)."""
         # One all-reduce for [ce, mtp, mtp balance, main balance]: every rank logs the same values.
         n_mb = self.pipeline.microbatches(self.group.size())
@@ -400,11 +406,8 @@ class PipelineRunner:
         mtp = totals[1] if config.num_nextn_predict_layers > 0 else None
         moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
         balance = totals[2] + totals[3] if moe and config.seq_aux_alpha > 0 else None
-        loss = (
-            totals[0]
-            + (config.mtp_loss_weight * mtp if mtp is not None else 0)
-            + (balance if balance is not None else 0)
-        )
+        weight = config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+        loss = totals[0] + (weight * mtp if mtp is not None else 0) + (balance if balance is not None else 0)
         return PipelineLosses(loss=loss, ce_loss=totals[0], mtp_loss=mtp, balance_loss=balance)
 
 

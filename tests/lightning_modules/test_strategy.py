@@ -78,7 +78,7 @@ def fit(
     every = SAVE_AT if save else 10 * STEPS
     args += [f"--trainer.callbacks.init_args.{k}" for k in (f"every_n_train_steps={every}", "save_top_k=-1")]
     args += ["--trainer.callbacks.init_args.monitor=null", "--trainer.callbacks.init_args.filename=step{step:06d}"]
-    args += ["--trainer.callbacks.init_args.save_last=false"]
+    args += ["--trainer.callbacks.init_args.last_every_n_train_steps=0"]  # last.ckpt at the end only
     if strategy:
         args += [f"--trainer.strategy={STRATEGY}", "--trainer.strategy.init_args.start_method=fork"]
         args += [f"--trainer.strategy.init_args.{k}={v}" for k, v in strategy.items()]
