@@ -14,7 +14,7 @@ Three levels, each printed as a table as soon as it is done:
    eager mode, the kernels compiled, and the kernels replaced by a float64 loop over experts (eager): kernels
    equal to the loop = the kernels are right; compiled equal to eager = the compiled quantisation is right.
 
-    python benchmarks/fp8_numerics.py --out bench_out          # one H200, ~1 minute
+    python benchmarks/fp8_numerics.py --out bench_out          # one H200, ~4 minutes (quant: 15 compiles)
     python benchmarks/fp8_numerics.py --device cpu --small     # the harness on a CPU (the reference path)
 """
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="small shapes (a CPU smoke run)")
-    p.add_argument("--parts", default="gemm,quant,layer")
+    p.add_argument("--parts", default="gemm,layer,quant", help="comma list of gemm, layer, quant")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
