@@ -67,9 +67,10 @@ def test_extension_stages_are_the_reports(stage, pretrained):
     sqrt_t = 0.1 * math.log(40) + 1
     assert config.softmax_scale == pytest.approx(config.qk_head_dim**-0.5 * sqrt_t**2)
     assert sqrt_t**2 == pytest.approx(1.874, abs=1e-3) and rope_attention_factor(config) == 1.0
-    # The stages end at DeepSeek-V3's released config (its config.json), bar the MTP weight's final value (and the
-    # vocabulary, which follows this machine's stand-in tokenizer).
-    released = DeepSeekV3Config.from_preset("deepseek-v3-671b", vocab_size=config.vocab_size)
+    # The stages end at DeepSeek-V3's released config (its config.json), bar the MTP weight's final value, the
+    # node-limited routing of the training mesh (routing_groups: nodes; the same n_group/topk_group numbers) and
+    # the vocabulary, which follows this machine's stand-in tokenizer.
+    released = DeepSeekV3Config.from_preset("deepseek-v3-671b", vocab_size=config.vocab_size, routing_groups="nodes")
     assert {**config.to_dict(), "mtp_loss_weight": 0.3} == released.to_dict()
     assert config.mtp_loss_weight == 0.1
 

@@ -288,12 +288,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_ctrl_c_stops_trials_marks_them_and_exits_130(tmp_path):
-    path = write_sweep(tmp_path, base={"overrides": {"fake.sleep": 60}}, parallel=2)
+    # The trials sleep far longer than the wait for their pid files, so on a loaded machine too Ctrl-C reaches
+    # the sweep while both run (they are killed by it, so the sleep costs nothing).
+    path = write_sweep(tmp_path, base={"overrides": {"fake.sleep": 900}}, parallel=2)
     sweep_dir = tmp_path / "runs" / "demo"
     pid_files = [sweep_dir / "trial_000" / "fake_pid", sweep_dir / "trial_001" / "fake_pid"]
 
     def press_ctrl_c_once_both_trials_run() -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not all(p.exists() and p.read_text() for p in pid_files) and time.monotonic() < deadline:
             time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, inside the sweep's loop
