@@ -3,7 +3,7 @@
 The CLI's own config (configs/tiny.yaml shrunk by ``small_args``, 4 layers so that each of the 4 stages holds one),
 the same initial weights and global batches (``data.order: global``), the MTP weight scheduled by tokens (0.3, then
 0.1 from step 2) and gradient clipping at 1.0: DualPipeV over 2 gloo ranks (pp 2), and over 4 (pp 2 x ep 2, the
-experts split over 2 ranks, the stages' 2 data-parallel replicas) must give the single process's training losses,
+experts split over 2 ranks, the stages' 2 data-parallel replicas; and pp 2 x dp 2 without EP) must give the single process's training losses,
 validation losses, expert biases (ExpertBiasBalancing) and ``tokens_seen`` (fp32, 1e-5). Resuming the pp 2 run's
 sharded step-2 checkpoint gives bitwise its losses; a NaN gradient on one pp rank stops every rank at that step.
 """
@@ -118,6 +118,7 @@ def runs(tmp_path_factory) -> dict:
     (saved,) = (root / "pp" / "ckpt").glob(f"step{SAVE_AT:06d}*.ckpt")
     results["resumed"] = fit(root, "resumed", devices=2, ckpt_path=str(saved), pp=2)
     results["pp_ep"] = fit(root, "pp_ep", devices=4, pp=2, dp_shard=2, ep=2)
+    results["pp_dp"] = fit(root, "pp_dp", devices=4, pp=2, dp_shard=2)  # stages replicated, no EP
     return results
 
 
@@ -134,7 +135,7 @@ def _check_like(ranks: list[dict], single: dict) -> None:
     assert seen == set(single["biases"])  # every MoE layer lives on one of the ranks
 
 
-@pytest.mark.parametrize("layout", ["pp", "pp_ep"])
+@pytest.mark.parametrize("layout", ["pp", "pp_ep", "pp_dp"])
 def test_pipelined_fit_gives_the_single_process_losses_and_biases(runs, layout):
     single = runs["single"]
     assert len(single["losses"]) == STEPS and len(single["val"]) == STEPS // SAVE_AT
