@@ -161,9 +161,10 @@ def convert_to_fp8(
 def _share_mm_config(model: nn.Module) -> None:
     """Give every ``Float8Linear`` the same ``linear_mm_config`` object (each builds an equal one of its own).
 
-    The forward passes it to an autograd function, and dynamo (torch 2.11) guards that argument by identity: with
-    one object per module, each compiled block gets its own cache entry, 8 layers fill the recompile limit (8) in
-    training, and the first validation (another grad mode) falls back to eager.
+    The forward passes it to an autograd function. Under torch 2.11 a tensorwise run of 8 compiled blocks filled
+    dynamo's recompile limit (8) in training and fell back to eager at the first validation; a guard on this
+    per-module object's identity (one cache entry per layer) is the suspected cause, unconfirmed on that version
+    (torch 2.13 makes no entry per layer either way). Equal values, so sharing one object changes nothing else.
     """
     from torchao.float8.float8_linear import Float8Linear
 

@@ -440,7 +440,7 @@ def test_triton_kernels_match_reference_in_the_interpreter(granularity):
 @pytest.mark.parametrize("kernel", ["_grouped_mm_kernel", "_grouped_mm_wgrad_kernel"])
 def test_kernels_compile_for_hopper_to_pipelined_16_byte_copies(kernel):
     """The FP8 operands are copied to shared memory 16 bytes at a time, asynchronously (cp.async), never a byte at a
-    time: the weight-gradient kernel once read its groups' unaligned starts byte by byte, 25x slower on an H200."""
+    time: the weight-gradient kernel once read its groups' unaligned starts byte by byte, 30x slower on an H200."""
     import re
 
     import triton
