@@ -94,32 +94,52 @@ class _Recorder:
         return Recorder()
 
 
+# The dense linears' names, for runs that keep them out of FP8 (only the routed experts converted).
+DENSE_LINEARS = ["*.attn.*", "*.ffn.w1", "*.ffn.w2", "*.ffn.w3", "*.shared_experts.*", "*.eh_proj"]
+
+
+def run_config(run: str) -> dict | None:
+    """A run's ``model.fp8``: ``none`` (bf16); ``<recipe>`` (dense linears only); ``<recipe>+experts`` (and the routed
+    experts); ``<recipe>+experts-only`` (the routed experts only, every dense linear kept in bf16)."""
+    if run == "none":
+        return None
+    recipe, _, what = run.partition("+")
+    if what not in ("", "experts", "experts-only"):
+        raise ValueError(f"run {run!r}: expected none, <recipe>, <recipe>+experts or <recipe>+experts-only")
+    return {"recipe": recipe, "experts": bool(what), "exclude": DENSE_LINEARS if what == "experts-only" else []}
+
+
 def train(run: str, data: dict, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     """One training run; returns the logged scalars by step."""
     import lightning.pytorch as pl
 
     from callbacks import ExpertBiasBalancing
-    from lightning_modules import DeepSeekV3LitModule, WarmupStableCosineLR
+    from lightning_modules import DeepSeekV3LitModule, MasterWeightPrecision, WarmupStableCosineLR
     from models.parallel import MasterWeightAdamW
 
     pl.seed_everything(0, verbose=False)
     steps = data["train"].shape[0]
+    tokens_per_step = data["train"].shape[1] * (data["train"].shape[2] - 1)
     module = DeepSeekV3LitModule(
         preset="tiny",
         overrides={**CONVERGENCE_MODEL, **args.model_overrides, "vocab_size": data["vocab"]},
         seq_len=data["train"].shape[-1] - 1,
         optimizer=lambda p: MasterWeightAdamW(p, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
         lr_scheduler=lambda o: WarmupStableCosineLR(
-            o, warmup_steps=steps // 10, decay_start=steps // 2, decay_steps=steps - steps // 2, final_lr_ratio=0.1
+            o,
+            warmup_steps=steps // 10,
+            decay_start_tokens=steps // 2 * tokens_per_step,
+            decay_tokens=(steps - steps // 2) * tokens_per_step,
+            final_lr_ratio=0.1,
         ),
         compile=args.compile,
-        fp8=None if run == "none" else run,
+        fp8=run_config(run),
     )
     recorder = _Recorder()
     trainer = pl.Trainer(
         accelerator="auto",
         devices=1,
-        precision="32-true",  # MasterWeightAdamW holds the fp32 masters and makes the parameters bf16
+        plugins=[MasterWeightPrecision()],  # bf16 parameters, fp32 masters in MasterWeightAdamW (bench-1gpu's)
         max_steps=steps,
         gradient_clip_val=1.0,
         val_check_interval=args.val_every,
@@ -234,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--runs", default="none,blockwise,tensorwise", help="none (bf16) and/or FP8 recipes")
+    p.add_argument(
+        "--runs", default="none,blockwise+experts,tensorwise", help="none (bf16) and FP8 runs (see run_config)"
+    )
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON changes to CONVERGENCE_MODEL")

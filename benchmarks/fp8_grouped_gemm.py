@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="eager layer timings (the quantisation unfused)")
     p.add_argument("--profile", action="store_true", help="write each layer's kernel-time table to --out")
+    p.add_argument("--gemms-only", action="store_true", help="only the GEMM table (no layer, nothing compiled)")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     gemms, layers = [], []
     for shape in args.shape.split(","):
         gemms += gemm_table(shape, device, args.reps)
-        layers += layer_table(shape, device, args.reps, not args.no_compile, Path(args.out) if args.profile else None)
+        if not args.gemms_only:
+            layers += layer_table(
+                shape, device, args.reps, not args.no_compile, Path(args.out) if args.profile else None
+            )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (

@@ -148,6 +148,7 @@ def convert_to_fp8(
         )
         chosen = set(dense)
         convert_to_float8_training(model, config=recipe, module_filter_fn=lambda _, fqn: fqn in chosen)
+        _share_mm_config(model)
         if config.recipe == "rowwise" and native:
             # As torchtitan does for torchao's rowwise recipe: inductor must round like eager in its casts
             # (pytorch/pytorch#150859), or compiled rowwise scales come out wrong.
@@ -155,6 +156,21 @@ def convert_to_fp8(
 
             inductor_config.emulate_precision_casts = True
     return sorted(dense + experts)
+
+
+def _share_mm_config(model: nn.Module) -> None:
+    """Give every ``Float8Linear`` the same ``linear_mm_config`` object (each builds an equal one of its own).
+
+    The forward passes it to an autograd function, and dynamo (torch 2.11) guards that argument by identity: with
+    one object per module, each compiled block gets its own cache entry, 8 layers fill the recompile limit (8) in
+    training, and the first validation (another grad mode) falls back to eager.
+    """
+    from torchao.float8.float8_linear import Float8Linear
+
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    for module in linears[1:]:
+        if module.linear_mm_config == linears[0].linear_mm_config:
+            module.linear_mm_config = linears[0].linear_mm_config
 
 
 def _select(model: nn.Module, config: FP8Config) -> tuple[list[str], list[str], list[str]]:

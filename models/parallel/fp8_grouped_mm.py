@@ -190,14 +190,14 @@ if triton is not None:
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
             b_ptrs = b_ptr + expert.to(tl.int64) * N * K + offs_n[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = offs_k < K - k0
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if SCALING == 2:  # 1x128 tiles of a, 128x128 blocks of b: scale each step's product
                     n_kb = K // 128
-                    s_a = tl.load(sa_ptr + offs_m * n_kb + k)
-                    s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k, mask=n_mask)
+                    s_a = tl.load(sa_ptr + offs_m * n_kb + k0 // 128)
+                    s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k0 // 128, mask=n_mask)
                     acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
                 else:  # promoted to the float32 accumulator every BLOCK_K (see the module docstring)
                     acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
@@ -235,7 +235,9 @@ if triton is not None:
         pid, expert = tl.program_id(0), tl.program_id(1)
         num_pid_k = tl.cdiv(K, BLOCK_K)
         pid_n, pid_k = pid // num_pid_k, pid % num_pid_k
-        start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+        # Groups start at multiples of 128 rows: telling Triton so lets it vectorise the loads along the rows (without
+        # the hint, a start read from memory has unknown alignment and every FP8 byte is loaded alone: 20x slower).
+        start = tl.multiple_of(tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0), 128)
         end = tl.load(offsets_ptr + expert)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -24,6 +24,7 @@ Shapes: N elements of one parameter.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -191,8 +192,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for handle in getattr(p, "_fp32_accumulation_hooks", ()):  # the newest optimizer of p owns them
             handle.remove()
 
+        # The hooks live on the parameter and must not hold the optimizer: parameter -> hook -> optimizer -> state ->
+        # parameter is a cycle through autograd's C++ side that gc cannot collect (a dropped model and optimizer
+        # would keep their memory, e.g. between the variants of benchmarks/train_throughput.py).
+        optimizer = weakref.ref(self)
+        p_ref = weakref.ref(p)
+
         def before_accumulation(grad: torch.Tensor) -> None:
-            master = self.state[p]["master"]  # looked up each time: load_state_dict replaces it
+            p = p_ref()
+            master = optimizer().state[p]["master"]  # looked up each time: load_state_dict replaces it
             if master.grad is None:
                 if p.grad is None:
                     return  # the first micro-batch: autograd stores its gradient in p.grad as usual
@@ -201,7 +209,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             master.grad.add_(grad)
 
         def after_accumulation(param: torch.Tensor) -> None:
-            if self.state[param]["master"].grad is not None:
+            if optimizer().state[param]["master"].grad is not None:
                 param.grad = None  # autograd stored the gradient just added to master.grad
 
         p._fp32_accumulation_hooks = (

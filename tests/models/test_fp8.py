@@ -100,6 +100,15 @@ def test_conversion_lists_converted_modules_and_leaves_the_report_exclusions_unt
     assert all(p is params[n] for n, p in model.named_parameters())  # parameters reused, nothing allocated
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_torchao_linears_share_one_mm_config_so_compiled_blocks_share_one_cache_entry(fp8_config, recipe):
+    with torch.device("meta"):
+        model = DeepSeekV3(fp8_config)
+    _quiet_convert(model, FP8Config(recipe))
+    configs = {id(m.linear_mm_config) for m in model.modules() if hasattr(m, "linear_mm_config")}
+    assert len(configs) == 1
+
+
 def test_module_filter_and_experts_switch(fp8_config):
     assert FP8Config("tensorwise").experts is False  # the routed experts stay bf16 unless asked (docs/fp8.md: speed)
     with torch.device("meta"):
@@ -427,6 +436,35 @@ def test_triton_kernels_match_reference_in_the_interpreter(granularity):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (compiles for sm_90 without a GPU)")
+@pytest.mark.parametrize("kernel", ["_grouped_mm_kernel", "_grouped_mm_wgrad_kernel"])
+def test_kernels_compile_for_hopper_to_pipelined_16_byte_copies(kernel):
+    """The FP8 operands are copied to shared memory 16 bytes at a time, asynchronously (cp.async), never a byte at a
+    time: the weight-gradient kernel once read its groups' unaligned starts byte by byte, 25x slower on an H200."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from models.parallel import fp8_grouped_mm as G
+
+    fn = getattr(G, kernel).fn  # under the autotuner
+    names = list(fn.arg_names)
+    types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "at_ptr": "*fp8e4nv", "bt_ptr": "*fp8e4nv", "c_ptr": "*bf16"}
+    types |= {"offsets_ptr": "*i32", "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
+    consts = {"SCALING": 2, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "E_POW2": 64}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    # what the launcher's arguments give Triton: 16-byte aligned pointers, sizes multiples of 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in consts and n != "n_experts"}
+    source = ASTSource(fn, signature, {n: v for n, v in consts.items() if n in names}, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    ptx = compiled.asm["ptx"]
+    assert re.search(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx), "no 16-byte async copies"
+    assert not re.search(r"ld\.global(\.\w+)*\.b8", ptx), "FP8 operands loaded byte by byte"
+    assert "wgmma" in ptx
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_triton_kernels_match_reference_on_gpu(granularity):
@@ -448,7 +486,8 @@ def test_tensorwise_and_rowwise_kernels_match_torch_scaled_mm_on_gpu():
             scale_a = sx if g == "tensorwise" else sx[lo:hi, None].contiguous()
             scale_b = sw[e].reshape(1) if g == "tensorwise" else sw[e][None, :].contiguous()
             ref = torch._scaled_mm(xq[lo:hi], wq[e].t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-            assert ((ours[lo:hi].float() - ref.float()).norm() / ref.float().norm()) < 1e-2, (g, e)
+            err = ((ours[lo:hi].float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, (g, e, lo, hi, err, ours[lo:hi].float().norm().item(), ref.float().norm().item())
 
 
 @pytest.mark.gpu

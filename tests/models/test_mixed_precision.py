@@ -135,3 +135,19 @@ def test_state_dict_round_trip_keeps_fp32_state():
     for _ in range(2):
         _backward(copies, [torch.ones(5, 7), torch.ones(3)])
     assert torch.equal(main_params(opt2)[0].grad, torch.full((5, 7), 2.0))
+
+
+def test_a_dropped_model_and_optimizer_are_freed():
+    """The accumulation hooks on the parameters hold the optimizer weakly: no cycle that gc cannot collect."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(32, 32, bias=False)
+    cast_parameters(model, torch.bfloat16, keep_masters=True)
+    optimizer = MasterWeightAdamW(model.parameters())
+    model(torch.randn(4, 32, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    refs = weakref.ref(model.weight), weakref.ref(optimizer)
+    del model, optimizer
+    gc.collect()
+    assert all(ref() is None for ref in refs)
