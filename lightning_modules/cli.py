@@ -154,7 +154,8 @@ class DSV3CLI(LightningCLI):
         if isinstance(strategy, DeepSeekV3Strategy):
             strategy.check_model(self.model.config)
             batch_size = getattr(self.datamodule, "batch_size", None)
-            check_pipeline(self.model.config, self.model.pipeline, strategy.parallel_dims.pp, batch_size)
+            dims, dtype = strategy.parallel_dims, strategy.param_dtype
+            check_pipeline(self.model.config, self.model.pipeline, dims.pp, batch_size, dtype)
             return
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path and is_sharded_checkpoint(ckpt_path):

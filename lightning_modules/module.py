@@ -23,7 +23,7 @@ from callbacks.moe_counts import MoECounts
 from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
 from lightning_modules.checkpoint_io import read_checkpoint
 from lightning_modules.nonfinite import NonFiniteGuard
-from lightning_modules.pipelining import PipelinedSteps
+from lightning_modules.pipelining import PipelinedSteps, check_pipeline
 from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
 from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
 from models import DeepSeekV3, DeepSeekV3Config
@@ -212,6 +212,7 @@ class DeepSeekV3LitModule(LightningModule):
             )
         if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
             if strategy.parallel_dims.pp > 1:  # this pp rank keeps the modules of its stages only
+                check_pipeline(self.config, self.pipeline, strategy.parallel_dims.pp, None, strategy.param_dtype)
                 ac = self.hparams.activation_checkpointing
                 self.pipelined = PipelinedSteps(self.pipeline or PipelineConfig(), strategy.device_mesh, ac)
                 self.pipelined.prune(model)

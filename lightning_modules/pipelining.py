@@ -94,7 +94,22 @@ class PipelinedSteps:
         return self._runner(batch).evaluate(batch).ce_loss
 
 
-def check_pipeline(config, pipeline: PipelineConfig | None, pp: int, batch_size: int | None) -> None:  # noqa: ANN001
-    """Before any process starts (CLI): the layout fits the model and the batch, else a one-line ``ValueError``."""
-    if pp > 1:
-        validate(config, pipeline or PipelineConfig(), pp, batch_size=batch_size)
+def check_pipeline(
+    config,  # noqa: ANN001
+    pipeline: PipelineConfig | None,
+    pp: int,
+    batch_size: int | None = None,
+    param_dtype: torch.dtype = torch.float32,
+) -> None:
+    """The layout fits the model, the batch and the precision, else a one-line ``ValueError`` (the CLI calls it
+    before any process starts, ``configure_model`` again)."""
+    if pp <= 1:
+        return
+    if param_dtype != torch.float32:
+        # The stages are not FSDP2-sharded: their parameters would be cast to bf16 with no fp32 master weights
+        # (MasterWeightAdamW's accumulation and zeroing are not wired to the schedule's micro-batches).
+        raise ValueError(
+            f"trainer.precision gives {param_dtype} parameters, which pipeline parallelism (pp={pp}) does not support "
+            "yet (no fp32 master weights for the stages); use trainer.precision: 32-true"
+        )
+    validate(config, pipeline or PipelineConfig(), pp, batch_size=batch_size)

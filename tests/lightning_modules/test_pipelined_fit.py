@@ -3,9 +3,10 @@
 The CLI's own config (configs/tiny.yaml shrunk by ``small_args``, 4 layers so that each of the 4 stages holds one),
 the same initial weights and global batches (``data.order: global``), the MTP weight scheduled by tokens (0.3, then
 0.1 from step 2) and gradient clipping at 1.0: DualPipeV over 2 gloo ranks (pp 2), and over 4 (pp 2 x ep 2, the
-experts split over 2 ranks, the stages' 2 data-parallel replicas; and pp 2 x dp 2 without EP) must give the single process's training losses,
-validation losses, expert biases (ExpertBiasBalancing) and ``tokens_seen`` (fp32, 1e-5). Resuming the pp 2 run's
-sharded step-2 checkpoint gives bitwise its losses; a NaN gradient on one pp rank stops every rank at that step.
+experts split over 2 ranks, the stages' 2 data-parallel replicas; pp 2 x dp 2 without EP) must give the single
+process's training losses, validation losses, expert biases (ExpertBiasBalancing), ``tokens_seen`` and MoE metrics
+(fp32, 1e-5). Resuming the pp 2 run's sharded step-2 checkpoint gives bitwise its losses; ``init_from`` gives every
+stage its weights; a NaN gradient on one pp rank stops every rank at that step; bad layouts fail before launch.
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def test_a_nan_gradient_on_one_stage_stops_every_rank_at_its_step(tmp_path):
         (["--model.pipeline.n_microbatches=2"], r"pipeline\.n_microbatches=2 is too few for DualPipeV over 4 stages"),
         (["--model.pipeline.n_microbatches=4", "--data.batch_size=6"], r"data\.batch_size=6 .* not divisible"),
         (["--model.pipeline.schedule=1F1B"], r"pipeline\.schedule=1F1B puts the first and last stages on different"),
+        (["--trainer.precision=bf16-mixed"], r"trainer\.precision gives torch\.bfloat16 parameters, which pipeline"),
     ],
 )
 def test_bad_pipelines_fail_in_one_line_before_any_process_starts(tmp_path, capsys, flags, message):
