@@ -6,7 +6,9 @@ carried by each batch, and it becomes the saved state only when the consumer com
 does so in ``on_before_batch_transfer``, called once per batch the training loop uses).
 """
 
+import atexit
 import logging
+import multiprocessing
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,6 +33,30 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_left_at_exit() -> None:
+    """SIGKILL the DataLoader workers still alive when the main process exits.
+
+    multiprocessing's exit handler ends daemonic children with SIGTERM, which these workers ignore, and then joins
+    them: a loader left unfinished by an exception (a too-small dataset, a bad batch) would hang the exit forever.
+    Registered after multiprocessing's own handler, so it runs before it.
+    """
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+    for child in children:
+        child.kill()
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_workers_left_at_exit)
+        _exit_hook_registered = True
 
 
 @dataclass
@@ -115,6 +141,7 @@ class ResumableLoader:
         self._pending.clear()
         workers = {"num_workers": self.num_workers}
         if self.num_workers > 0:
+            _register_exit_hook()
             workers.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_ignore_stop_signals)
         loader = DataLoader(self.make_stream(self.state), batch_size=None, pin_memory=self.pin_memory, **workers)
         for tokens, stream, position in loader:

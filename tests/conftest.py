@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,12 +46,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_restore_globals():
     torch.manual_seed(0)
     dtype = torch.get_default_dtype()
+    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     yield
     torch.set_default_dtype(dtype)
+    # A Trainer run in this process may leave its stop-signal handlers behind (Preemption's, Lightning's): restore
+    # them, so that no test runs (or forks workers) under another test's handlers.
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         # Free the dead process groups here: a forked child that garbage-collects an inherited gloo group joins

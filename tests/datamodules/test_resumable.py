@@ -2,6 +2,10 @@
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +120,33 @@ def test_state_for_another_dataset_is_ignored(make_dm, caplog):
         dm.load_state_dict(state)
     assert "afresh" in caplog.text
     assert _same(_take(dm, 2), _take(make_dm(n_files=1), 2))
+
+
+_ERROR_WITH_WORKERS_ALIVE = """
+from torch.utils.data import IterableDataset
+from datamodules.resumable import ResumableLoader, StreamState
+
+class Boom(IterableDataset):
+    def __iter__(self):
+        raise ValueError("boom")
+        yield
+
+loader = ResumableLoader(make_stream=lambda state: Boom(), num_workers=2, state=StreamState.fresh(2))
+try:
+    next(iter(loader))
+except ValueError as err:
+    kept = err  # its traceback keeps the loader's workers alive, as an error report (or pytest.raises) does
+print("raised", flush=True)
+"""
+
+
+def test_a_process_whose_loader_failed_still_exits():
+    # The workers ignore SIGTERM (the main process handles preemption), which is how multiprocessing ends daemonic
+    # children at exit before joining them: without the exit hook this process hangs forever.
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ERROR_WITH_WORKERS_ALIVE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "raised", done.stderr
+    assert "Traceback" not in done.stderr  # the workers' kill is not reported as a worker failure
