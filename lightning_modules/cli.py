@@ -36,13 +36,12 @@ from lightning_modules.checkpoint_io import (
     CheckpointError,
     CheckpointWriteError,
     check_writable_dir,
-    read_checkpoint,
 )
 from lightning_modules.config_include import PARSER_MODE, expand_config_args
 from lightning_modules.module import DeepSeekV3LitModule
 from lightning_modules.nonfinite import NonFiniteError
 from lightning_modules.pipelining import check_pipeline
-from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
+from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_any_checkpoint
 from models.parallel.mixed_precision import cast_parameters
 
 OVERVIEW = """\
@@ -139,7 +138,7 @@ class DSV3CLI(LightningCLI):
                 f"--ckpt_path {ckpt_path}: no such file. Give a .ckpt file (or a sharded .ckpt directory), or 'last' "
                 "to resume from the newest checkpoint of the configured ModelCheckpoint directory"
             )
-        hparams = _read_checkpoint(ckpt_path, weights=False).get("hyper_parameters", {})
+        hparams = read_any_checkpoint(ckpt_path, weights=False).get("hyper_parameters", {})
         saved = {k: hparams[k] for k in ("preset", "overrides", "init_from") if k in hparams}
         if not saved:
             return
@@ -231,16 +230,6 @@ def is_model_checkpoint(class_path: str) -> bool:
         return False
 
 
-def _read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict[str, Any]:
-    """A single-file checkpoint, or a sharded one (``DeepSeekV3Strategy``'s directory) read into the same form."""
-    if is_sharded_checkpoint(path):
-        try:
-            return read_sharded_checkpoint(path, weights=weights)
-        except Exception as err:  # a partial or foreign directory
-            raise CheckpointError(f"cannot read sharded checkpoint {path}: {err}") from err
-    return read_checkpoint(path, mmap=True, verify=weights)
-
-
 # ---------------------------------------------------------------------- generate
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3 generate", description="Sample text from a trained checkpoint.")
@@ -260,7 +249,7 @@ def generate_main(argv: list[str]) -> int:
 
     args = _generate_parser().parse_args(argv)
     _check_device(args.device)
-    ckpt = _read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
+    ckpt = read_any_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
     model = model_from_checkpoint(ckpt, device=args.device).eval()
     tokenizer, eos_id = tokenizer_from_checkpoint(ckpt)
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -330,7 +319,7 @@ def _convert_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--ckpt_path needs --to_hf OUT_DIR or, for a sharded checkpoint, --to_ckpt OUT.ckpt")
     if args.to_ckpt and not is_sharded_checkpoint(args.ckpt_path):
         parser.error("--ckpt_path FILE --to_ckpt: the checkpoint is already a single file")
-    checkpoint = _read_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
+    checkpoint = read_any_checkpoint(_existing(args.ckpt_path, "--ckpt_path"))
     model = model_from_checkpoint(checkpoint)
     if args.to_ckpt:  # the sharded checkpoint's metadata with the full weights, as one file
         if dtype is not None:

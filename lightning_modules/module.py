@@ -21,11 +21,10 @@ from torch.distributed.tensor import DTensor
 
 from callbacks.moe_counts import MoECounts
 from lightning_modules.checkpoint_contents import check_compatible, tokenizer_json
-from lightning_modules.checkpoint_io import read_checkpoint
 from lightning_modules.nonfinite import NonFiniteGuard
 from lightning_modules.pipelining import PipelinedSteps, check_pipeline
 from lightning_modules.schedule import WarmupStableCosineLR, value_after_tokens
-from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_sharded_checkpoint
+from lightning_modules.strategy import DeepSeekV3Strategy, is_sharded_checkpoint, read_any_checkpoint
 from models import DeepSeekV3, DeepSeekV3Config
 from models.config import SHAPE_FIELDS
 from models.hf_checkpoint import load_hf_weights, read_hf_config
@@ -441,7 +440,7 @@ def config_from_source(init_from: str) -> DeepSeekV3Config:
     if path.is_dir() and not is_sharded_checkpoint(path):
         return read_hf_config(path)
     if path.exists():
-        return DeepSeekV3Config.from_dict(_source_checkpoint(path)["model_config"])
+        return DeepSeekV3Config.from_dict(_source_checkpoint(path, weights=False)["model_config"])
     raise ValueError(
         f"model.init_from {init_from}: no such folder or file; give a Hugging Face checkpoint folder (config.json + "
         "safetensors) or a .ckpt written by dsv3 fit"
@@ -488,8 +487,9 @@ def _source_state_dict(path: Path, config: DeepSeekV3Config) -> dict[str, torch.
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
-def _source_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else read_checkpoint(path, mmap=True)
-    if "model_config" not in checkpoint or "state_dict" not in checkpoint:
+def _source_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
+    """``init_from``'s dsv3 checkpoint (file or sharded); ``weights=False`` reads its metadata only (the config)."""
+    checkpoint = read_any_checkpoint(path, weights=weights)
+    if "model_config" not in checkpoint or (weights and "state_dict" not in checkpoint):
         raise ValueError(f"model.init_from {path}: not a dsv3 checkpoint (no 'model_config'/'state_dict')")
     return checkpoint

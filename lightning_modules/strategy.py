@@ -35,7 +35,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from lightning_modules.checkpoint_io import commit_checkpoint_dir, new_checkpoint_dir, remove_checkpoint_dir
+from lightning_modules.checkpoint_io import (
+    CheckpointError,
+    commit_checkpoint_dir,
+    new_checkpoint_dir,
+    read_checkpoint,
+    remove_checkpoint_dir,
+)
 from models import DeepSeekV3Config
 from models.parallel.mesh import ParallelDims, submesh
 
@@ -238,6 +244,20 @@ class DeepSeekV3Strategy(ModelParallelStrategy):
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a checkpoint directory written by ``DeepSeekV3Strategy`` (DCP shards + ``meta.pt``)."""
     return Path(path).is_dir() and (Path(path) / _METADATA_FILENAME).is_file()
+
+
+def read_any_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict[str, Any]:
+    """A single-file checkpoint (its checksums verified when ``weights``), or a sharded one read into the same form.
+
+    Raises:
+        CheckpointError: the file or directory cannot be read.
+    """
+    if is_sharded_checkpoint(path):
+        try:
+            return read_sharded_checkpoint(path, weights=weights)
+        except Exception as err:  # a partial or foreign directory
+            raise CheckpointError(f"cannot read sharded checkpoint {path}: {err}") from err
+    return read_checkpoint(path, mmap=True, verify=weights)
 
 
 def read_sharded_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict[str, Any]:
