@@ -98,9 +98,18 @@ class _Recorder:
 DENSE_LINEARS = ["*.attn.*", "*.ffn.w1", "*.ffn.w2", "*.ffn.w3", "*.shared_experts.*", "*.eh_proj"]
 
 
+def run_seed(run: str) -> int:
+    """A run's seed (initialisation and everything Lightning seeds): ``<run>@<seed>``, 0 without the suffix. The
+    batches are the same in every run: ``none@1`` against ``none`` is the bf16 noise floor of the FP8 gaps."""
+    _, _, seed = run.partition("@")
+    return int(seed) if seed else 0
+
+
 def run_config(run: str) -> dict | None:
     """A run's ``model.fp8``: ``none`` (bf16); ``<recipe>`` (dense linears only); ``<recipe>+experts`` (and the routed
-    experts); ``<recipe>+experts-only`` (the routed experts only, every dense linear kept in bf16)."""
+    experts); ``<recipe>+experts-only`` (the routed experts only, every dense linear kept in bf16); any of them with
+    ``@<seed>`` (``run_seed``)."""
+    run = run.partition("@")[0]
     if run == "none":
         return None
     recipe, _, what = run.partition("+")
@@ -117,7 +126,10 @@ def train(run: str, data: dict, args: argparse.Namespace) -> dict[int, dict[str,
     from lightning_modules import DeepSeekV3LitModule, MasterWeightPrecision, WarmupStableCosineLR
     from models.parallel import MasterWeightAdamW
 
-    pl.seed_everything(0, verbose=False)
+    # Each run compiles afresh: dynamo's cache limit (8 entries a function) counts the entries of earlier runs, and
+    # the third run of a process hit it (Block.forward: dense and MoE blocks, train and eval, per run).
+    torch._dynamo.reset()
+    pl.seed_everything(run_seed(run), verbose=False)
     steps = data["train"].shape[0]
     tokens_per_step = data["train"].shape[1] * (data["train"].shape[2] - 1)
     module = DeepSeekV3LitModule(
@@ -208,7 +220,8 @@ def summary(results: dict[str, dict]) -> str:
             if ref is None or run == "none"
             else [f"{100 * (a / b - 1):+.3f} %" for a, b in zip((tr, va), ref, strict=True)]
         )
-        lines.append(f"| {'bf16' if run == 'none' else run} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
+        name = run.replace("none", "bf16", 1) if run.startswith("none") else run
+        lines.append(f"| {name} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
     return "\n".join(lines)
 
 
@@ -225,7 +238,7 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
         sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))
     ]  # noqa: E501, E731
     for run, rows in results.items():
-        label = "bf16" if run == "none" else f"fp8 {run}"
+        label = run.replace("none", "bf16", 1) if run.startswith("none") else f"fp8 {run}"
         steps, ce = _series(rows, "train/ce_loss")
         ax.plot(steps, smooth(ce), label=f"{label} train (mean of {window})", lw=1)
         vsteps, vce = _series(rows, "val/loss")
@@ -274,7 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         data = torch.load(args.batches)
         data["train"], data["val"] = data["train"][: args.steps], data["val"][: args.val_batches]
         results = {}
-        for run in args.runs.split(","):
+        runs = args.runs.split(",")
+        for run in runs:
+            run_config(run), run_seed(run)  # noqa: B018 - a bad name fails before any training
+        for run in runs:
             results[run] = train(run, data, args)
             write_csv(args.out / "fp8_convergence.csv", results)  # after each run: a timeout keeps the finished
     from models import DeepSeekV3Config

@@ -5,11 +5,13 @@ D 7168, F 2048, 8192 tokens top-8) and a random top-k routing:
 
 1. GEMM TFLOP/s (real rows only, padding not counted) of the forward GEMM x @ [w1; w3]^T and the weight-gradient
    GEMM: bf16 ``torch._grouped_mm``; this project's Triton FP8 kernels per granularity; torch's
-   ``_scaled_grouped_mm`` (CUTLASS, rowwise scales) for the forward.
+   ``_scaled_grouped_mm`` (CUTLASS) as ``fp8_grouped_mm`` calls it (promoted accumulation), tensorwise and rowwise,
+   and as torchao calls it (fast accumulation).
 2. The routed experts' forward + backward (``MoE.routed`` with that routing: permutation, padding, experts,
-   combine), compiled, in ms and peak memory: bf16 ``GroupedExperts``, ``Float8GroupedExperts`` per granularity,
-   and torchao 0.18's rowwise FP8 grouped GEMM (``_to_fp8_rowwise_then_scaled_grouped_mm``, what torchtitan uses)
-   in the same layer.
+   combine), compiled, in ms and peak memory: bf16 ``GroupedExperts``, ``Float8GroupedExperts`` per granularity
+   (as dispatched: CUTLASS where it applies; and "<granularity> triton": the Triton kernels only), and torchao
+   0.18's rowwise FP8 grouped GEMM (``_to_fp8_rowwise_then_scaled_grouped_mm``, what torchtitan uses) in the same
+   layer.
 
     python benchmarks/fp8_grouped_gemm.py --out bench_out         # one H200: both shapes, ~1 minute
     python benchmarks/fp8_grouped_gemm.py --device cpu --shape tiny --no-compile   # smoke run of the harness
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import DeepSeekV3Config  # noqa: E402
 from models.moe import MoE, padded_rows  # noqa: E402
+from models.parallel import fp8_grouped_mm as G  # noqa: E402
 from models.parallel.fp8_experts import Float8GroupedExperts  # noqa: E402
 from models.parallel.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_wgrad  # noqa: E402
 from models.parallel.fp8_quant import BLOCK, GRANULARITIES, quantize_act, quantize_act_t, quantize_weight  # noqa: E402
@@ -99,6 +102,7 @@ def gemm_table(shape: str, device: torch.device, reps: int) -> list[dict]:
             out.append({"shape": shape, "gemm": gemm, "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]})
 
     fwd, wgrad = "fwd x@w^T", "wgrad dy^T@x"
+    bf16 = torch.bfloat16
     if device.type == "cuda":
         add(fwd, "bf16 torch._grouped_mm", torch._grouped_mm, x_real, w.transpose(-2, -1), offs=offsets_real)
         add(wgrad, "bf16 torch._grouped_mm", torch._grouped_mm, dy_real.t(), x_real, offs=offsets_real)
@@ -108,12 +112,17 @@ def gemm_table(shape: str, device: torch.device, reps: int) -> list[dict]:
         dyq_t, sdy = quantize_act_t(dy, g, offsets)
         xq_t, sx_t = quantize_act_t(x, g, offsets)
         ours = f"fp8 {g} (Triton, ours)"
-        add(fwd, ours, fp8_grouped_mm, xq, sx, wq, sw, offsets, g, torch.bfloat16)
-        add(wgrad, ours, fp8_grouped_mm_wgrad, dyq_t, sdy, xq_t, sx_t, offsets, g, torch.bfloat16)
-        if g == "rowwise" and device.type == "cuda":
-            cutlass = "fp8 rowwise torch._scaled_grouped_mm"
-            kw = {"offs": offsets, "out_dtype": torch.bfloat16, "use_fast_accum": True}
-            add(fwd, cutlass, torch._scaled_grouped_mm, xq, wq.transpose(-2, -1), sx, sw, **kw)
+        add(fwd, ours, G._launch_mm if device.type == "cuda" else fp8_grouped_mm, xq, sx, wq, sw, offsets, g, bf16)
+        wgrad_fn = G._launch_wgrad if device.type == "cuda" else fp8_grouped_mm_wgrad
+        add(wgrad, ours, wgrad_fn, dyq_t, sdy, xq_t, sx_t, offsets, g, bf16)
+        if g != "blockwise" and device.type == "cuda":  # torch's CUTLASS kernel, as fp8_grouped_mm dispatches to it
+            cutlass = f"fp8 {g} torch._scaled_grouped_mm (CUTLASS, promoted: ours)"
+            add(fwd, cutlass, G._cutlass_mm, xq, sx, wq, sw, offsets, g, bf16)
+            add(wgrad, cutlass, G._cutlass_wgrad, dyq_t, sdy, xq_t, sx_t, offsets, g, bf16)
+            if g == "rowwise":  # torchao's setting: 14-bit FP8 accumulation, never promoted
+                kw = {"offs": offsets, "out_dtype": bf16, "use_fast_accum": True}
+                fast = "fp8 rowwise torch._scaled_grouped_mm (CUTLASS, fast accumulation: torchao's)"
+                add(fwd, fast, torch._scaled_grouped_mm, xq, wq.transpose(-2, -1), sx, sw, **kw)
     return out
 
 
@@ -165,11 +174,14 @@ def layer_table(shape: str, device: torch.device, reps: int, compile: bool, prof
     grad = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
     flops = 3 * 2 * tokens * top_k * 3 * hidden * dim
     out = []
-    for impl in ("bf16", *GRANULARITIES, "torchao rowwise"):
+    # "<granularity> triton": the Triton kernels where fp8_grouped_mm would take torch's CUTLASS kernel
+    triton_only = [f"{g} triton" for g in GRANULARITIES if g != "blockwise"]
+    for impl in ("bf16", *GRANULARITIES, *triton_only, "torchao rowwise"):
         moe = MoE(config).to(device=device, dtype=torch.bfloat16)
         moe.reset_parameters(std=0.02)
-        if impl in GRANULARITIES:
-            moe.experts = Float8GroupedExperts(moe.experts, impl)
+        G.backend = "triton" if impl.endswith(" triton") else "auto"
+        if impl.split()[0] in GRANULARITIES:
+            moe.experts = Float8GroupedExperts(moe.experts, impl.split()[0])
         elif impl == "torchao rowwise":
             moe.experts = _TorchaoRowwiseExperts(moe.experts)
         routed = torch.compile(moe.routed) if compile else moe.routed
@@ -190,6 +202,7 @@ def layer_table(shape: str, device: torch.device, reps: int, compile: bool, prof
         except Exception as e:  # noqa: BLE001
             out.append({"shape": shape, "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]})
         del moe, routed
+        G.backend = "auto"
         x.grad = None
         torch._dynamo.reset()
     return out

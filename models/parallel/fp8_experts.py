@@ -11,6 +11,10 @@ fuses it into the producers (the permutation, the SwiGLU and its gradient); the 
 backward keeps FP8 copies of its GEMM operands (x^T, h^T and the transposed weights) instead of their bf16
 originals, as the report caches activations in FP8 (section 3.3.3); the SwiGLU inputs a13 stay in the compute dtype.
 
+The two forward GEMMs accumulate without promotion where torch's CUTLASS kernel runs them (``fast_accum``: E4M3
+operands of the tensorwise and rowwise recipes), the convention of torchao's ``Float8Linear`` for its output GEMM,
+and the four backward GEMMs with promotion every 128 elements; blockwise (the report's recipe) promotes in all six.
+
 Gradients use E5M2 under tensorwise scaling (torchao's tensorwise convention: one scale per tensor needs the
 range) and E4M3 under the fine-grained recipes (the report: E4M3 on all tensors).
 
@@ -43,12 +47,12 @@ class _Float8SwiGLU(torch.autograd.Function):
         w13_E2FD = torch.cat((w1_EFD, w3_EFD), dim=1)
         xq, sx = quantize_act(x_ND, granularity)
         w13q, sw13 = quantize_weight(w13_E2FD, granularity)
-        a13_N2F = fp8_grouped_mm(xq, sx, w13q, sw13, offsets_E, granularity, dtype)
+        a13_N2F = fp8_grouped_mm(xq, sx, w13q, sw13, offsets_E, granularity, dtype, fast_accum=True)
         a1_NF, a3_NF = a13_N2F.chunk(2, dim=-1)
         h_NF = F.silu(a1_NF) * a3_NF
         hq, sh = quantize_act(h_NF, granularity)
         w2q, sw2 = quantize_weight(w2_EDF, granularity)
-        y_ND = fp8_grouped_mm(hq, sh, w2q, sw2, offsets_E, granularity, dtype)
+        y_ND = fp8_grouped_mm(hq, sh, w2q, sw2, offsets_E, granularity, dtype, fast_accum=True)
         # FP8 copies for the backward: x^T and h^T for the weight gradients, w^T for the input gradients.
         saved = (
             *quantize_act_t(x_ND, granularity, offsets_E),

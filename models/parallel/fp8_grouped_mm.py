@@ -97,15 +97,21 @@ def fp8_grouped_mm(
     offsets: torch.Tensor,
     granularity: str,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
-    """(M, K) x (E, N, K) -> (M, N) over row groups ending at ``offsets`` (see the module docstring)."""
+    """(M, K) x (E, N, K) -> (M, N) over row groups ending at ``offsets`` (see the module docstring).
+
+    ``fast_accum``: where torch's CUTLASS kernel runs the product, accumulate in the tensor cores' ~14 bits without
+    the promotion every 128 elements (torchao's setting for the forward GEMM: 1.5-1.8x faster on an H200)."""
+    if _use_cutlass(a, b, granularity, out_dtype):
+        return _cutlass_mm(a, sa, b, sb, offsets, granularity, out_dtype, fast_accum)
     if a.is_cuda and triton is not None:
         return _launch_mm(a, sa, b, sb, offsets, granularity, out_dtype)
     return grouped_mm_reference(a, sa, b, sb, offsets, out_dtype)
 
 
 @fp8_grouped_mm.register_fake
-def _(a, sa, b, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+def _(a, sa, b, sb, offsets, granularity, out_dtype, fast_accum=False):  # noqa: ANN001, ANN202
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
@@ -128,6 +134,50 @@ def fp8_grouped_mm_wgrad(
 @fp8_grouped_mm_wgrad.register_fake
 def _(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
     return a_t.new_empty(offsets.shape[0], a_t.shape[0], b_t.shape[0], dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- CUTLASS
+# ``backend`` picks the GPU kernels: "auto" takes torch's CUTLASS grouped GEMM (``torch._scaled_grouped_mm``, Hopper,
+# E4M3 operands with row/column scales, bf16 output) for ``fp8_grouped_mm`` where it applies (rowwise, and
+# tensorwise products of two E4M3 operands, the scales broadcast to rows), and this module's Triton kernels otherwise:
+# blockwise, E5M2 gradients, float32 outputs, and every weight gradient (measured on an H200, benchmarks/RESULTS.md:
+# the Triton weight-gradient kernel runs at 740-820 TFLOP/s, CUTLASS's with promoted accumulation at 490-590; for the
+# forward and input-gradient GEMMs CUTLASS's 545-845 against Triton's 483-572, 1000-1220 with fast accumulation).
+# "triton" always takes the Triton kernels (benchmarks and tests compare the two).
+backend = os.environ.get("DSV3_FP8_GROUPED_MM", "auto")
+
+
+def _use_cutlass(a: torch.Tensor, b: torch.Tensor, granularity: str, out_dtype: torch.dtype) -> bool:
+    if backend != "auto" or not a.is_cuda or torch.version.hip or granularity == "blockwise":
+        return False
+    if out_dtype != torch.bfloat16:
+        return False
+    e4m3 = a.dtype == b.dtype == torch.float8_e4m3fn
+    return e4m3 and torch.cuda.get_device_capability(a.device) >= (9, 0) and hasattr(torch, "_scaled_grouped_mm")
+
+
+def _cutlass_mm(a, sa, b, sb, offsets, granularity, out_dtype, fast_accum=False):  # noqa: ANN001, ANN202
+    # (M, K) row-major x (E, K, N) column-major (b^T of the (E, N, K) weights, a view); scales (M,) and (E, N)
+    m, n_experts, n = a.shape[0], b.shape[0], b.shape[1]
+    if granularity == "tensorwise":
+        sa, sb = sa.expand(m).contiguous(), sb[:, None].expand(n_experts, n).contiguous()
+    out = torch._scaled_grouped_mm(
+        a, b.transpose(-2, -1), sa, sb, offs=offsets, out_dtype=out_dtype, use_fast_accum=fast_accum
+    )
+    return _zero_rows_past_groups(out, offsets)
+
+
+def _cutlass_wgrad(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: ANN001, ANN202
+    # Not dispatched to (slower than the Triton kernel, see ``backend``): benchmarks/fp8_grouped_gemm.py measures it.
+    # (N, M) row-major x (M, K) column-major (b_t^T, a view), summed per group of M; scales per group and row/column
+    n_experts, n, k = offsets.shape[0], a_t.shape[0], b_t.shape[0]
+    if granularity == "tensorwise":
+        sa, sb = sa.expand(n_experts * n).contiguous(), sb.expand(n_experts * k).contiguous()
+    out = torch._scaled_grouped_mm(
+        a_t, b_t.t(), sa.reshape(-1), sb.reshape(-1), offs=offsets, out_dtype=out_dtype, use_fast_accum=False
+    )
+    empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # torch may leave their outputs unwritten
+    return torch.where(empty[:, None, None], 0, out)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
