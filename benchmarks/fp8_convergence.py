@@ -250,8 +250,10 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
     ax_gap.axhline(0.25, color="k", ls=":", lw=1, label="report's 0.25 % bar")
     ax_gap.axhline(-0.25, color="k", ls=":", lw=1)
     ax_gap.set(xlabel="optimizer step", ylabel="train CE gap to bf16 (%)", title=f"relative gap (mean of {window})")
-    top = max([2.0] + [line.get_ydata().max() for line in ax_gap.get_lines()[:-2]])
-    ax_gap.set_ylim(-1, 1.1 * top)
+    gaps = [line.get_ydata()[window:] for line in ax_gap.get_lines()[:-2]]  # past the first window's transient
+    top = max([2.0] + [max(g, default=0) for g in gaps])
+    bottom = min([-1.0] + [min(g, default=0) for g in gaps])
+    ax_gap.set_ylim(1.1 * bottom, 1.1 * top)
     ax.legend(fontsize=7)
     ax_gap.legend(fontsize=7)
     fig.tight_layout()

@@ -20,7 +20,7 @@ from torch import nn
 from models import DeepSeekV3, DeepSeekV3Config
 from models.attention import RMSNorm
 from models.moe import Gate, GroupedExperts, MoE, padded_rows
-from models.parallel.fp8 import BlockwiseLinear, FP8Config, check_device, convert_to_fp8
+from models.parallel.fp8 import BlockwiseLinear, FP8Config, check_compile, check_device, convert_to_fp8
 from models.parallel.fp8_experts import Float8GroupedExperts
 from models.parallel.fp8_grouped_mm import grouped_mm_reference, grouped_mm_wgrad_reference
 from models.parallel.fp8_quant import (
@@ -145,6 +145,16 @@ def test_bad_recipe_and_gpu_without_fp8_fail_with_one_line_naming_model_fp8(monk
     with pytest.raises(ValueError, match=r"model\.fp8=blockwise needs .* >= 9\.0 .* or use tensorwise"):
         check_device("blockwise", torch.device("cuda"))
     assert check_device("tensorwise", torch.device("cuda")) is True
+
+
+def test_compiled_fp8_experts_are_refused_on_a_gpu_with_one_line_naming_the_fields():
+    """Their input gradient is wrong there (measured on an H200: benchmarks/fp8_compile_check.py); the CPU is fine."""
+    experts, dense = FP8Config("tensorwise", experts=True), FP8Config("tensorwise")
+    with pytest.raises(ValueError, match=r"^model\.fp8\.experts: true under model\.compile on a GPU") as err:
+        check_compile(experts, True, torch.device("cuda", 0))
+    assert "\n" not in str(err.value) and "model.compile false" in str(err.value)
+    for config, compile, device in ((experts, False, "cuda"), (dense, True, "cuda"), (experts, True, "cpu")):
+        check_compile(config, compile, torch.device(device))
 
 
 def test_lit_module_takes_fp8_as_a_name_or_a_mapping():
