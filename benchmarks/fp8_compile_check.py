@@ -2,7 +2,9 @@
 
 For each recipe, the MoE layer (gate, dispatch, padded groups, ``Float8GroupedExperts``, combine, shared expert)
 runs eager, under ``torch.compile(backend="aot_eager")`` (dynamo + AOTAutograd, no code generation) and under
-inductor; then the experts alone on padded groups the same three ways. Every row is the relative norm error of the
+inductor; the same with the gate's combine weights detached and with the experts kept out of the graph (two
+bisections: is the wrong gradient the gate's, does it need the experts inside the graph?); then the experts alone on
+padded groups the same three ways. Every row is the relative norm error of the
 output y, the input gradient dx and the expert weight gradients dw1, dw2 against the bf16 layer run eagerly: FP8's
 own error is 5-9 %; a compiled row far from its eager row is a bug, not FP8.
 
@@ -45,12 +47,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _moe(config: DeepSeekV3Config, granularity: str | None, device: torch.device) -> MoE:
+def _moe(config: DeepSeekV3Config, granularity: str | None, device: torch.device, variant: str = "") -> MoE:
+    """The layer; ``variant`` bisects: "gate detached" (no gradient through the combine weights into the gate),
+    "experts eager" (the FP8 experts left out of the compiled graph)."""
     torch.manual_seed(0)
     moe = MoE(config).train()
     moe.reset_parameters(std=0.05)
     if granularity is not None:
         moe.experts = Float8GroupedExperts(moe.experts, granularity)
+    if variant == "gate detached":
+        moe.gate.register_forward_hook(lambda module, args, out: (out[0].detach(), *out[1:]))
+    elif variant == "experts eager":
+        moe.experts.forward = torch.compiler.disable(moe.experts.forward)
     return moe.to(device=device, dtype=torch.bfloat16)
 
 
@@ -78,6 +86,13 @@ def check(device: torch.device, tokens: int) -> list[str]:
         for mode in MODES if g is not None else MODES[1:]:
             out = _run(_moe(config, g, device), mode, (x,), None)
             rows.append(("MoE layer", g or "bf16", mode, *(_rel(a, b) for a, b in zip(out, ref, strict=True))))
+    for variant in ("gate detached", "experts eager"):
+        ref_v = _run(_moe(config, None, device, variant), "eager", (x,), None)
+        for g in GRANULARITIES:
+            for mode in MODES:
+                out = _run(_moe(config, g, device, variant), mode, (x,), None)
+                errors = (_rel(a, b) for a, b in zip(out, ref_v, strict=True))
+                rows.append((f"MoE layer, {variant}", g, mode, *errors))
     # The experts alone on padded groups (one empty expert), the padding rows masked out of y and dx.
     gen = torch.Generator().manual_seed(2)
     counts = torch.tensor([300, 0, 129, 17, 400, 128, 1, 250])

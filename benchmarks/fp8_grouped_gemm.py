@@ -157,10 +157,9 @@ def _profile(step, impl: str, shape: str, out_dir: Path) -> None:  # noqa: ANN00
         f.write(f"== {shape}, {impl}: two steps\n{table}\n")
 
 
-def layer_table(shape: str, device: torch.device, reps: int, compile: bool, profile_dir: Path | None) -> list[dict]:
-    """ms and peak GiB of the routed experts' forward + backward (``MoE.routed``) per implementation."""
-    n_experts, dim, hidden, tokens, top_k = SHAPES[shape]
-    config = DeepSeekV3Config.from_preset(
+def experts_config(n_experts: int, dim: int, hidden: int, top_k: int) -> DeepSeekV3Config:
+    """A config whose MoE has these routed experts (one group: any top-k routing); the rest the tiny preset's."""
+    return DeepSeekV3Config.from_preset(
         "tiny",
         hidden_size=dim,
         moe_intermediate_size=hidden,
@@ -169,6 +168,12 @@ def layer_table(shape: str, device: torch.device, reps: int, compile: bool, prof
         n_group=1,
         topk_group=1,
     )
+
+
+def layer_table(shape: str, device: torch.device, reps: int, compile: bool, profile_dir: Path | None) -> list[dict]:
+    """ms and peak GiB of the routed experts' forward + backward (``MoE.routed``) per implementation."""
+    n_experts, dim, hidden, tokens, top_k = SHAPES[shape]
+    config = experts_config(n_experts, dim, hidden, top_k)
     weights, idx, counts = _routing(n_experts, tokens, top_k, device)
     x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)

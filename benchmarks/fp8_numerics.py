@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import DeepSeekV3Config  # noqa: E402
+from benchmarks.fp8_grouped_gemm import experts_config  # noqa: E402
 from models.moe import MoE, padded_rows  # noqa: E402
 from models.parallel import fp8_grouped_mm as G  # noqa: E402
 from models.parallel.fp8 import BlockwiseLinear  # noqa: E402
@@ -181,15 +181,7 @@ def quant_table(device: torch.device, small: bool) -> str:
 
 def layer_table(device: torch.device, small: bool) -> str:
     n_experts, dim, hidden, tokens, top_k = (8, 256, 256, 512, 2) if small else (64, 2048, 1408, 8192, 6)
-    config = DeepSeekV3Config.from_preset(
-        "tiny",
-        hidden_size=dim,
-        moe_intermediate_size=hidden,
-        n_routed_experts=n_experts,
-        num_experts_per_tok=top_k,
-        n_group=1,
-        topk_group=1,
-    )
+    config = experts_config(n_experts, dim, hidden, top_k)
     torch.manual_seed(0)
     bf16 = MoE(config).to(device=device, dtype=torch.bfloat16)
     bf16.reset_parameters(std=0.02)

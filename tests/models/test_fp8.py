@@ -268,6 +268,23 @@ def _moe(config: DeepSeekV3Config, granularity: str | None) -> MoE:
     return moe
 
 
+def test_fp8_moe_traced_by_aot_autograd_matches_eager_on_the_cpu(fp8_config, one_thread):
+    """The MoE layer with FP8 experts under dynamo + AOTAutograd (no code generation) gives eager's output and every
+    gradient on the CPU; on a GPU its input gradient does not (docs/fp8.md, Status): this pins the CPU side."""
+    x0 = torch.randn(2, 128, fp8_config.hidden_size).to(torch.bfloat16)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        moe = _moe(fp8_config, "tensorwise").to(torch.bfloat16)
+        fn = torch.compile(moe.forward, backend="aot_eager") if compiled else moe.forward
+        x = x0.clone().requires_grad_(True)
+        y, _ = fn(x)
+        y.float().square().sum().backward()
+        results.append((y, x.grad, moe.experts.w1.grad, moe.gate.weight.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_fp8_experts_padding_changes_nothing_but_precision(fp8_config, granularity, one_thread):
     """Same routing, same weights: the padded FP8 path stays within FP8 error of the bf16 path's math."""
@@ -525,9 +542,16 @@ def test_blockwise_linear_matches_torchaos_on_gpu():
         assert ((got - want).norm() / want.norm()) < 2e-2
 
 
+_COMPILED_DX_BUG = pytest.mark.xfail(
+    strict=True, reason="compiled FP8 MoE input gradient 82 % off eager on the GPU (docs/fp8.md, Status; check_compile)"
+)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("granularity", "ac"), [(g, "none") for g in GRANULARITIES] + [("tensorwise", "selective"), ("blockwise", "full")]
+    ("granularity", "ac"),
+    [pytest.param(g, "none", marks=_COMPILED_DX_BUG) for g in GRANULARITIES]
+    + [("tensorwise", "selective"), ("blockwise", "full")],
 )
 def test_compiled_fp8_experts_match_eager_on_gpu(fp8_config, granularity, ac):
     from models.parallel.compile import _checkpointed
@@ -549,8 +573,8 @@ def test_compiled_fp8_experts_match_eager_on_gpu(fp8_config, granularity, ac):
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", GRANULARITIES)
 def test_model_trains_natively_with_every_recipe_on_gpu(fp8_config, recipe):
-    """torchao's dense FP8 linears + our FP8 experts in a compiled bf16 model: the loss follows bf16's."""
-    from models.parallel.compile import compile_blocks
+    """torchao's dense FP8 linears + our FP8 experts in a bf16 model, eager (compiled FP8 experts are refused on a GPU:
+    docs/fp8.md, Status): the loss follows bf16's."""
     from models.parallel.mixed_precision import MasterWeightAdamW, cast_parameters
 
     def train(fp8: FP8Config | None) -> list[float]:
@@ -563,7 +587,6 @@ def test_model_trains_natively_with_every_recipe_on_gpu(fp8_config, recipe):
         model.init_weights(buffer_device=torch.device("cuda"))
         cast_parameters(model, torch.bfloat16, keep_masters=True)  # bf16 parameters, fp32 masters (bench-1gpu's)
         opt = MasterWeightAdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        compile_blocks(model)
         batch = torch.randint(0, 64, (8, 257), generator=torch.Generator().manual_seed(1)).cuda()
         losses = []
         for _ in range(8):
