@@ -11,8 +11,10 @@ own error is 5-9 %; a compiled row far from its eager row is a bug, not FP8.
     python benchmarks/fp8_compile_check.py                  # one GPU, ~1 minute
     python benchmarks/fp8_compile_check.py --device cpu     # the reference kernels (no Triton, no CUTLASS)
 
-Found on an H200 (2026-12-02, torch 2.11): the compiled MoE's dx is 82 % off for every recipe and both backends,
-the rest matches; the experts alone and the CPU match (docs/fp8.md, Status).
+Found with it on an H200 (2026-12-02, torch 2.11): the compiled MoE's dx 82 % off for every recipe and both backends,
+the rest matching; the experts alone and the CPU (torch 2.13) matching. The cause was torch 2.11's handling of an
+in-place op on a tensor an autograd.Function returns (pytorch/pytorch#180642; ``models.moe._scatter_rows``), fixed
+here since; with torch 2.11 on the CPU this script showed it too (docs/fp8.md, "A compile bug, found and fixed").
 """
 
 from __future__ import annotations

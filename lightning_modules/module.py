@@ -30,7 +30,7 @@ from models.config import SHAPE_FIELDS
 from models.hf_checkpoint import load_hf_weights, read_hf_config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
-from models.parallel.fp8 import FP8Config, check_compile, convert_to_fp8
+from models.parallel.fp8 import FP8Config, convert_to_fp8
 from models.parallel.mixed_precision import main_params
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
@@ -207,7 +207,6 @@ class DeepSeekV3LitModule(LightningModule):
         sharded = isinstance(strategy, DeepSeekV3Strategy)
         if self.fp8 is not None:  # FP8 linears and experts on the meta model, before EP/FSDP2 and allocation
             device = strategy.root_device if sharded else torch.get_default_device()
-            check_compile(self.fp8, self.hparams.compile, device)
             convert_to_fp8(model, self.fp8, device=device, fsdp=sharded)
         if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
             if strategy.parallel_dims.pp > 1:  # this pp rank keeps the modules of its stages only

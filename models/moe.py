@@ -241,7 +241,10 @@ def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tens
 
 
 def _scatter_rows(x_MD: torch.Tensor, rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:
-    return x_MD.new_zeros(n_rows, x_MD.shape[1]).index_copy_(0, rows_M, x_MD)
+    # Out of place: under torch 2.11's compile, an in-place op on the tensor an autograd.Function's forward returns
+    # routes its gradient to the wrong slot (pytorch/pytorch#180642, fixed in 2.12): _PadGroups' input gradient
+    # came out wrong on the H200 (benchmarks/fp8_compile_check.py).
+    return x_MD.new_zeros(n_rows, x_MD.shape[1]).index_copy(0, rows_M, x_MD)
 
 
 class _PadGroups(torch.autograd.Function):

@@ -109,26 +109,6 @@ def check_device(recipe: str, device: torch.device) -> bool:
     return True
 
 
-def check_compile(config: FP8Config, compile: bool, device: torch.device) -> None:
-    """Refuse FP8 routed experts in compiled blocks on a GPU: their input gradient comes out wrong there.
-
-    Measured on an H200 (torch 2.11; ``benchmarks/fp8_compile_check.py``, docs/fp8.md): a compiled MoE with
-    ``Float8GroupedExperts`` gives the output and the weight gradients of the eager layer, but an input gradient 82 %
-    (relative norm) away from eager's, which is within FP8 error (7 %) of bf16's, for every recipe, with both the
-    ``aot_eager`` and the inductor backends; the experts compiled alone, and the MoE compiled on the CPU, match.
-    Until that is found, the combination would train on a wrong gradient without a sign of it.
-
-    Raises:
-        ValueError: ``model.fp8.experts`` with ``model.compile`` on a CUDA device.
-    """
-    if config.experts and compile and device.type == "cuda":
-        raise ValueError(
-            "model.fp8.experts: true under model.compile on a GPU computes wrong input gradients for the MoE layers "
-            "(docs/fp8.md, Status): set model.fp8.experts false (FP8 dense linears, bf16 experts) or model.compile "
-            "false"
-        )
-
-
 def convert_to_fp8(
     model: nn.Module, config: FP8Config, device: torch.device | str | None = None, fsdp: bool = False
 ) -> list[str]:
