@@ -105,6 +105,11 @@ def run_seed(run: str) -> int:
     return int(seed) if seed else 0
 
 
+def run_label(run: str) -> str:
+    """``none`` (and ``none@<seed>``) as bf16 in tables and legends."""
+    return run.replace("none", "bf16", 1) if run.startswith("none") else run
+
+
 def run_config(run: str) -> dict | None:
     """A run's ``model.fp8``: ``none`` (bf16); ``<recipe>`` (dense linears only); ``<recipe>+experts`` (and the routed
     experts); ``<recipe>+experts-only`` (the routed experts only, every dense linear kept in bf16); any of them with
@@ -220,8 +225,7 @@ def summary(results: dict[str, dict]) -> str:
             if ref is None or run == "none"
             else [f"{100 * (a / b - 1):+.3f} %" for a, b in zip((tr, va), ref, strict=True)]
         )
-        name = run.replace("none", "bf16", 1) if run.startswith("none") else run
-        lines.append(f"| {name} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
+        lines.append(f"| {run_label(run)} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
     return "\n".join(lines)
 
 
@@ -238,7 +242,7 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
         sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))
     ]  # noqa: E501, E731
     for run, rows in results.items():
-        label = run.replace("none", "bf16", 1) if run.startswith("none") else f"fp8 {run}"
+        label = run_label(run) if run.startswith("none") else f"fp8 {run}"
         steps, ce = _series(rows, "train/ce_loss")
         ax.plot(steps, smooth(ce), label=f"{label} train (mean of {window})", lw=1)
         vsteps, vce = _series(rows, "val/loss")

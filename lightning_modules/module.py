@@ -206,8 +206,9 @@ class DeepSeekV3LitModule(LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         sharded = isinstance(strategy, DeepSeekV3Strategy)
         if self.fp8 is not None:  # FP8 linears and experts on the meta model, before EP/FSDP2 and allocation
-            device = strategy.root_device if sharded else torch.get_default_device()
-            convert_to_fp8(model, self.fp8, device=device, fsdp=sharded)
+            convert_to_fp8(
+                model, self.fp8, device=strategy.root_device if sharded else torch.get_default_device(), fsdp=sharded
+            )
         if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
             if strategy.parallel_dims.pp > 1:  # this pp rank keeps the modules of its stages only
                 check_pipeline(self.config, self.pipeline, strategy.parallel_dims.pp, None, strategy.param_dtype)

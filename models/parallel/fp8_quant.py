@@ -109,8 +109,7 @@ def quantize_act_t(x_MK: torch.Tensor, granularity: str, offsets_E: torch.Tensor
     n_experts = offsets_E.numel()
     tile_amax = x_MK.reshape(m // BLOCK, BLOCK, k).abs().amax(dim=1).float()  # (M/128, K)
     tile_expert = expert_of_rows(offsets_E, m)[::BLOCK]
-    # out of place, as every op inside an autograd.Function's forward should be (see models.moe._scatter_rows)
-    amax_EK = tile_amax.new_zeros(n_experts + 1, k).scatter_reduce(
+    amax_EK = tile_amax.new_zeros(n_experts + 1, k).scatter_reduce_(
         0, tile_expert[:, None].expand(-1, k), tile_amax, "amax"
     )[:n_experts]
     fp8_max = torch.finfo(dtype).max
