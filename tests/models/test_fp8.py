@@ -537,20 +537,28 @@ def test_blockwise_linear_matches_torchaos_on_gpu():
     ("granularity", "ac"), [(g, "none") for g in GRANULARITIES] + [("tensorwise", "selective"), ("blockwise", "full")]
 )
 def test_compiled_fp8_experts_match_eager_on_gpu(fp8_config, granularity, ac):
+    """Compiled, the FP8 MoE layer is as close to the bf16 layer (eager) as eager FP8 is, output and gradients.
+
+    Not compiled against eager directly: inductor keeps SwiGLU and combine intermediates in fp32 where eager rounds
+    them to bf16, which moves some FP8-rounded elements by one FP8 step, 1-5 % of the norm (measured on the CPU with
+    torch 2.13, where aot_eager is bitwise). The wrong input gradient of torch 2.11 (docs/fp8.md) was 82 % off."""
     from models.parallel.compile import _checkpointed
 
-    moe = _moe(fp8_config, granularity).cuda().to(torch.bfloat16)
     x = torch.randn(4, 256, fp8_config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     results = []
-    for compiled in (False, True):
+    for g, compiled in ((None, False), (granularity, False), (granularity, True)):
+        torch._dynamo.reset()
+        moe = _moe(fp8_config, g).cuda().to(torch.bfloat16)
         forward = moe.forward if ac == "none" else _checkpointed(moe.forward, selective=ac == "selective")
         fn = torch.compile(forward) if compiled else forward
         y, _ = fn(x)
         y.float().square().sum().backward()
-        results.append((y.float(), x.grad.float(), moe.experts.w1.grad.float()))
-        x.grad = moe.experts.w1.grad = None
-    for got, want in zip(*results, strict=True):
-        assert ((got - want).norm() / want.norm()) < 2e-2
+        results.append((y.float(), x.grad.float(), moe.experts.w1.grad.float(), moe.gate.weight.grad.float()))
+        x.grad = None
+    ref, eager, compiled = results
+    for r, e, c in zip(ref, eager, compiled, strict=True):
+        err_eager, err_compiled = ((e - r).norm() / r.norm()).item(), ((c - r).norm() / r.norm()).item()
+        assert err_eager < 0.15 and err_compiled < 1.25 * err_eager + 0.01, (err_eager, err_compiled)
 
 
 @pytest.mark.gpu
