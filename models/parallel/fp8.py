@@ -5,7 +5,8 @@ gradient) in FP8 and keeps the embedding, the output head, the MoE gate, the nor
 operator in higher precision. Here:
 
 - dense linears (MLA's projections, the dense and shared-expert MLPs, MTP's ``eh_proj``) become torchao's
-  ``Float8Linear`` (``tensorwise``, ``rowwise``) or ``BlockwiseLinear`` (``blockwise``: 1x128 activation tiles,
+  ``Float8Linear`` (``tensorwise``, ``rowwise``; token rows zero-padded to a multiple of 16 where they are not, as
+  MTP's B * (S - k) rows) or ``BlockwiseLinear`` (``blockwise``: 1x128 activation tiles,
   128x128 weight blocks, as the report; torchao's ``Float8BlockwiseLinear`` numerics on this project's kernels);
 - the routed experts become ``Float8GroupedExperts`` (this project's FP8 grouped GEMMs, same granularity);
 - the head is excluded by name; the embedding, gate, norms and attention are not linears and are never touched.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -149,6 +151,7 @@ def convert_to_fp8(
         chosen = set(dense)
         convert_to_float8_training(model, config=recipe, module_filter_fn=lambda _, fqn: fqn in chosen)
         _share_mm_config(model)
+        _pad_token_rows(model)
         if config.recipe == "rowwise" and native:
             # As torchtitan does for torchao's rowwise recipe: inductor must round like eager in its casts
             # (pytorch/pytorch#150859), or compiled rowwise scales come out wrong.
@@ -172,6 +175,45 @@ def _share_mm_config(model: nn.Module) -> None:
     for module in linears[1:]:
         if module.linear_mm_config == linears[0].linear_mm_config:
             module.linear_mm_config = linears[0].linear_mm_config
+
+
+_TOKEN_MULTIPLE = 16  # torch._scaled_mm's: every GEMM dimension, the token count of the weight gradient included
+
+
+def _pad_token_rows(model: nn.Module) -> None:
+    """Make every torchao ``Float8Linear`` a ``RowPaddedFloat8Linear``: token counts not a multiple of 16 work.
+
+    The weight gradient's GEMM sums over the tokens, and ``torch._scaled_mm`` refuses a dimension that is not a
+    multiple of 16 (MTP depth k runs B * (S - k) tokens: B = 4, S = 4096 gives 16380).
+    """
+    from torchao.float8.float8_linear import Float8Linear
+
+    for module in model.modules():
+        if type(module) is Float8Linear:
+            module.__class__ = row_padded_float8_linear()
+
+
+@functools.cache
+def row_padded_float8_linear() -> type:
+    """The ``RowPaddedFloat8Linear`` class (built on first use: torchao is imported only when FP8 is on)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    class RowPaddedFloat8Linear(Float8Linear):
+        """torchao's ``Float8Linear``, its input's rows padded with zeros to a multiple of 16 when they are not.
+
+        Exact: a zero row changes no amax (so no scale), its output row is dropped and it adds nothing to the
+        weight gradient. Inputs whose row count is already a multiple of 16 (the main blocks') are not copied.
+        """
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            rows = input.numel() // input.shape[-1]
+            pad = -rows % _TOKEN_MULTIPLE
+            if pad == 0:
+                return super().forward(input)
+            x = torch.nn.functional.pad(input.reshape(rows, input.shape[-1]), (0, 0, 0, pad))
+            return super().forward(x)[:rows].reshape(*input.shape[:-1], -1)
+
+    return RowPaddedFloat8Linear
 
 
 def _select(model: nn.Module, config: FP8Config) -> tuple[list[str], list[str], list[str]]:

@@ -119,6 +119,43 @@ def test_module_filter_and_experts_switch(fp8_config):
     assert type(model.layers[0].attn.wq_a) is nn.Linear and type(model.layers[1].attn.wq_a) is not nn.Linear
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_torchao_linears_get_token_rows_padded_to_16_and_the_padding_changes_nothing(fp8_config, recipe, one_thread):
+    """torch._scaled_mm takes no dimension that is not a multiple of 16; the MTP depth's B * (S - 1) tokens (here
+    2 * 8 - 2 = 14) reach every linear of its block, and the weight gradient's GEMM sums over them."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from models.parallel.fp8 import row_padded_float8_linear
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(fp8_config)
+    _quiet_convert(model, FP8Config(recipe))
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert linears and all(type(m) is row_padded_float8_linear() for m in linears)
+    ids = torch.randint(0, fp8_config.vocab_size, (2, 9))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    given, seen = [], []  # token rows the linears were called with, and those torchao's forward got
+    original, padding = Float8Linear.forward, row_padded_float8_linear().forward
+    rows = lambda x: x.numel() // x.shape[-1]  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Float8Linear, "forward", lambda self, x: seen.append(rows(x)) or original(self, x))
+        mp.setattr(row_padded_float8_linear(), "forward", lambda self, x: given.append(rows(x)) or padding(self, x))
+        padded = loss_and_grads()
+    assert set(given) == {16, 14} and set(seen) == {16}, (given, seen)
+    with pytest.MonkeyPatch.context() as mp:  # the same model, no padding (the emulated path takes any shape)
+        mp.setattr(row_padded_float8_linear(), "forward", original)
+        plain = loss_and_grads()
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(padded[1], plain[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_shapes_a_recipe_cannot_take_are_kept_with_one_warning_naming_them(tiny_config):
     with torch.device("meta"):
         model = DeepSeekV3(tiny_config)  # dims 64, 32, 16: blockwise takes none
