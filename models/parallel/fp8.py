@@ -255,10 +255,11 @@ class _BlockwiseLinear(torch.autograd.Function):
         x_MK = _pad_rows(x.reshape(-1, x.shape[-1]))
         offsets = torch.full((1,), x_MK.shape[0], dtype=torch.int32, device=x.device)  # one group: every row
         w = weight.unsqueeze(0)  # (1, N, K)
-        y = fp8_grouped_mm(
-            *quantize_act(x_MK, "blockwise"), *quantize_weight(w, "blockwise"), offsets, "blockwise", dtype
+        wq = quantize_weight(w, "blockwise")
+        y = fp8_grouped_mm(*quantize_act(x_MK, "blockwise"), *wq, offsets, "blockwise", dtype)
+        ctx.save_for_backward(
+            offsets, *quantize_act_t(x_MK, "blockwise", offsets), *quantize_weight_t(w, "blockwise", quantized=wq)
         )
-        ctx.save_for_backward(offsets, *quantize_act_t(x_MK, "blockwise", offsets), *quantize_weight_t(w, "blockwise"))
         ctx.rows, ctx.weight_dtype = x.reshape(-1, x.shape[-1]).shape[0], weight.dtype
         return y[: ctx.rows].reshape(*x.shape[:-1], -1)
 

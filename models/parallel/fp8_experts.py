@@ -57,8 +57,8 @@ class _Float8SwiGLU(torch.autograd.Function):
         saved = (
             *quantize_act_t(x_ND, granularity, offsets_E),
             *quantize_act_t(h_NF, granularity, offsets_E),
-            *quantize_weight_t(w13_E2FD, granularity),
-            *quantize_weight_t(w2_EDF, granularity),
+            *quantize_weight_t(w13_E2FD, granularity, quantized=(w13q, sw13)),
+            *quantize_weight_t(w2_EDF, granularity, quantized=(w2q, sw2)),
         )
         ctx.save_for_backward(a13_N2F, offsets_E, *saved)
         ctx.granularity, ctx.weight_dtype = granularity, w1_EFD.dtype

@@ -254,6 +254,17 @@ def test_quantised_transposes_are_contiguous_for_the_kernels():
         assert quantize_weight_t(w, g)[0].is_contiguous() and quantize_act_t(x, g, offsets)[0].is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_weight_transpose_from_the_forward_quantisation_is_bitwise_the_requantised_one(dtype):
+    """Tensorwise and blockwise take w^T from w's FP8 copy (the same blocks); rowwise must re-quantise."""
+    w = torch.randn(3, 256, 384) * torch.logspace(-3, 1, 384)  # column scales that differ: rowwise scales would too
+    for g in GRANULARITIES:
+        want = quantize_weight_t(w, g, dtype)
+        got = quantize_weight_t(w, g, dtype, quantized=quantize_weight(w, g, dtype))
+        assert got[0].is_contiguous() and got[1].shape == want[1].shape, g
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1]), g
+
+
 def test_blockwise_linear_matches_its_definition_in_float64():
     """The report's recipe written out: 1x128 x and dy, 128x128 w, 1x128 dy^T and x^T along the tokens."""
     torch.manual_seed(0)
@@ -596,6 +607,17 @@ def test_compiled_fp8_experts_match_eager_on_gpu(fp8_config, granularity, ac):
     for r, e, c in zip(ref, eager, compiled, strict=True):
         err_eager, err_compiled = ((e - r).norm() / r.norm()).item(), ((c - r).norm() / r.norm()).item()
         assert err_eager < 0.15 and err_compiled < 1.25 * err_eager + 0.01, (err_eager, err_compiled)
+
+
+@pytest.mark.gpu
+def test_fp8_transpose_kernel_gives_the_bytes_of_a_transposed_copy_on_gpu():
+    from models.parallel.fp8_quant import fp8_transpose
+
+    for shape in [(3, 256, 384), (2, 100, 70), (1, 1, 130)]:  # tiles, and edges that are not
+        q = (torch.randn(shape, device="cuda") * 50).to(E4M3)
+        got = fp8_transpose(q)
+        assert got.is_contiguous() and got.shape == (shape[0], shape[2], shape[1])
+        assert torch.equal(got.view(torch.uint8), q.transpose(1, 2).contiguous().view(torch.uint8)), shape
 
 
 @pytest.mark.gpu
