@@ -284,6 +284,19 @@ def test_blockwise_linear_matches_its_definition_in_float64():
 
 
 # ----------------------------------------------------------------------------------------------- padded groups
+def test_rows_past_the_groups_are_zeroed_for_every_padded_layout():
+    """The GEMMs zero only the last (E + 1) * 128 rows: enough for any layout ``padded_rows`` makes."""
+    from models.parallel.fp8_grouped_mm import _zero_rows_past_groups
+
+    gen = torch.Generator().manual_seed(0)
+    layouts = [torch.full((8,), 128), torch.full((8,), 1), torch.tensor([0, 0, 0, 1024]), torch.tensor([5, 0, 300])]
+    layouts += [torch.randint(0, 400, (n,), generator=gen) for n in (1, 4, 16)]
+    for counts in layouts:
+        _, ends, n_rows = padded_rows(counts, torch.repeat_interleave(torch.arange(counts.numel()), counts), BLOCK)
+        out = _zero_rows_past_groups(torch.full((n_rows, 3), float("nan")), ends)
+        assert out[ends[-1] :].eq(0).all() and out[: ends[-1]].isnan().all(), counts
+
+
 def test_padded_rows_start_every_group_at_a_multiple_and_keep_rows_distinct():
     counts = torch.tensor([5, 0, 130, 1, 128])
     experts_sorted = torch.repeat_interleave(torch.arange(5), counts)
