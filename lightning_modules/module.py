@@ -30,7 +30,7 @@ from models.config import SHAPE_FIELDS
 from models.hf_checkpoint import load_hf_weights, read_hf_config
 from models.parallel.clip import clip_grad_norm_
 from models.parallel.compile import AC_MODES, apply_activation_checkpointing, compile_blocks
-from models.parallel.fp8 import FP8Config, convert_to_fp8
+from models.parallel.fp8 import FP8Config, convert_to_fp8, precompute_fsdp_scales
 from models.parallel.mixed_precision import main_params
 from models.parallel.parallelize import init_weights as init_sharded_weights
 from models.parallel.parallelize import parallelize
@@ -166,6 +166,7 @@ class DeepSeekV3LitModule(LightningModule):
             )
         self.config = build_config(preset, overrides, vocab_size, init_from)
         self.fp8 = FP8Config.parse(fp8)
+        self._fp8_all_gather = False  # tensorwise weights all-gathered in FP8 by FSDP2 (set by configure_model)
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -209,6 +210,7 @@ class DeepSeekV3LitModule(LightningModule):
             convert_to_fp8(
                 model, self.fp8, device=strategy.root_device if sharded else torch.get_default_device(), fsdp=sharded
             )
+            self._fp8_all_gather = sharded and self.fp8.recipe == "tensorwise"
         if sharded:  # EP -> AC -> compile -> FSDP2 on the meta model, then shards
             if strategy.parallel_dims.pp > 1:  # this pp rank keeps the modules of its stages only
                 check_pipeline(self.config, self.pipeline, strategy.parallel_dims.pp, None, strategy.param_dtype)
@@ -394,6 +396,11 @@ class DeepSeekV3LitModule(LightningModule):
             norm = clip_grad_norm_(main_params(optimizer), max_norm=max_norm, foreach=True, group=group)
         self.log("grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step + 1)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._fp8_all_gather:  # the new weights' FP8 all-gather scales, in one all-reduce
+            precompute_fsdp_scales(self.model)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -161,6 +161,19 @@ def convert_to_fp8(
     return sorted(dense + experts)
 
 
+def precompute_fsdp_scales(model: nn.Module) -> None:
+    """Refresh the FP8 all-gather scales of the FSDP2-sharded tensorwise weights, in one all-reduce; after each step.
+
+    torchao's ``precompute_float8_dynamic_scale_for_fsdp``, called where torchtitan calls it: without it each
+    weight's FP8 all-gather all-reduces its own amax, once per weight and micro-batch. A scale stays until the next
+    call, so it must follow every change of the weights (``DeepSeekV3LitModule.optimizer_step`` calls it after each
+    step). A no-op for models without such weights (other recipes, no FSDP2).
+    """
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)
+
+
 def _share_mm_config(model: nn.Module) -> None:
     """Give every ``Float8Linear`` the same ``linear_mm_config`` object (each builds an equal one of its own).
 

@@ -709,6 +709,90 @@ def _fp8_parallel_worker(rank: int, rdzv: str, config, ref: dict) -> None:  # no
         dist.destroy_process_group()
 
 
+def _fp8_all_gather_worker(rank: int, rdzv: str, config, state: dict, batch: torch.Tensor) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from models.parallel.fp8 import precompute_fsdp_scales
+    from models.parallel.mesh import ParallelDims, submesh
+    from models.parallel.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=2)
+    try:
+        mesh = ParallelDims(dp_shard=2, ep=2).resolve(2).build_mesh("cpu")
+        models = []
+        for fsdp in (True, False):  # FP8 all-gather, and the fp32 all-gather quantised after it
+            with torch.device("meta"):
+                model = DeepSeekV3(config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                convert_to_fp8(model, FP8Config("tensorwise"), device="cpu", fsdp=fsdp)
+            parallelize(model, mesh, param_dtype=torch.float32)
+            model.to_empty(device="cpu")
+            model.init_weights()
+            set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+            models.append(model)
+        fp8_gather, plain = models
+        wq = fp8_gather.layers[1].attn.wq_b.weight
+        assert isinstance(wq, DTensor) and isinstance(wq._local_tensor, WeightWithDynamicFloat8CastTensor)
+        assert not isinstance(plain.layers[1].attn.wq_b.weight._local_tensor, WeightWithDynamicFloat8CastTensor)
+        local = batch.chunk(2)[submesh(mesh, "dp").get_local_rank()]
+
+        def step(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            model.zero_grad()
+            out = model(local[:, :-1], labels=local[:, 1:], return_logits=False)
+            out.ce_loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if isinstance(p.grad, DTensor)}
+            return out.ce_loss.detach(), grads
+
+        def check_equal() -> None:
+            (loss_a, grads_a), (loss_b, grads_b) = step(fp8_gather), step(plain)
+            torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+            for name, g in grads_a.items():
+                torch.testing.assert_close(g, grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+        check_equal()  # each weight's all-gather all-reduces its amax
+        precompute_fsdp_scales(fp8_gather)  # one all-reduce for every weight's scale
+        assert wq._local_tensor._precomputed_scale is not None
+        torch.testing.assert_close(
+            wq._local_tensor._precomputed_scale, torch.finfo(E4M3).max / wq.full_tensor().abs().amax()
+        )
+        check_equal()
+        for model in models:  # new weights, then fresh scales
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.5)
+        precompute_fsdp_scales(fp8_gather)
+        check_equal()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_tensorwise_fp8_all_gather_under_fsdp2_and_its_precomputed_scales_match_the_fp32_all_gather(
+    tmp_path, fp8_config, one_thread
+):
+    """FSDP2 all-gathers tensorwise weights in FP8 (torchao's ``enable_fsdp_float8_all_gather``): the same numerics
+    as all-gathering fp32 and quantising after, with each weight's amax all-reduced or all scales precomputed."""
+    import torch.multiprocessing as mp
+
+    config = DeepSeekV3Config.from_dict({**fp8_config.to_dict(), "num_nextn_predict_layers": 0})
+    torch.manual_seed(0)
+    model = DeepSeekV3(config)
+    model.init_weights()
+    batch = torch.randint(0, config.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    mp.start_processes(
+        _fp8_all_gather_worker,
+        args=(f"file://{tmp_path}/rdzv", config, model.state_dict(), batch),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+
+
 @pytest.mark.distributed
 def test_fp8_experts_and_linears_under_fsdp2_and_ep_match_one_process(tmp_path, fp8_config, one_thread):
     import torch.multiprocessing as mp
