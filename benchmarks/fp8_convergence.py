@@ -14,8 +14,9 @@ widths (all but ``wkv_a``, whose 576 outputs are not).
     python benchmarks/fp8_convergence.py --plot-csv out/fp8_convergence.csv --out docs/figures          # re-plot
 
 Outputs: ``fp8_convergence.csv`` (run, step, train CE, validation CE where measured) and ``fp8_convergence.png``;
-the summary printed last gives each FP8 run's gap to BF16: the mean training CE of the last 100 steps, and the
-final validation CE, against the report's 0.25 % bar.
+the summary printed last gives each FP8 run's gap to BF16 of the same seed: the mean training CE of the last 100
+steps, and the final validation CE, against the report's 0.25 % bar; with several seeds, the mean, min and max of
+each recipe's paired gaps beside bf16's own gap between seeds (the noise floor any FP8 gap must clear).
 """
 
 from __future__ import annotations
@@ -208,24 +209,50 @@ def _series(rows: dict, key: str) -> tuple[list[int], list[float]]:
 
 
 def summary(results: dict[str, dict]) -> str:
-    """Each run's final losses and its relative gap to the bf16 run (``none``)."""
+    """Each run's final losses and its relative gap to the bf16 run of its seed (``none@<seed>``; ``none`` where that
+    seed has none), then, over seeds, the mean and spread of each recipe's paired gaps against bf16's own spread."""
     finals = {}
     for run, rows in results.items():
         _, train_ce = _series(rows, "train/ce_loss")
         _, val_ce = _series(rows, "val/loss")
         finals[run] = (sum(train_ce[-TAIL:]) / len(train_ce[-TAIL:]), val_ce[-1] if val_ce else float("nan"))
+
+    def bf16_of(run: str) -> str | None:
+        seed = run_seed(run)
+        for name in (f"none@{seed}", "none") if seed else ("none", "none@0"):
+            if name in finals:
+                return name
+        return None
+
     lines = [
-        f"| run | train CE (mean of last {TAIL} steps) | gap to bf16 | final val CE | gap to bf16 |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| run | train CE (mean of last {TAIL} steps) | gap to bf16 | final val CE | gap to bf16 | bf16 run |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    ref = finals.get("none")
+    paired: dict[str, list[float]] = {}
     for run, (tr, va) in finals.items():
-        gaps = (
-            ["—", "—"]
-            if ref is None or run == "none"
-            else [f"{100 * (a / b - 1):+.3f} %" for a, b in zip((tr, va), ref, strict=True)]
-        )
-        lines.append(f"| {run_label(run)} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} |")
+        ref = bf16_of(run)
+        if ref is None or run.partition("@")[0] == "none":
+            gaps, ref_label = ["—", "—"], "—"
+        else:
+            rel = [100 * (a / b - 1) for a, b in zip((tr, va), finals[ref], strict=True)]
+            gaps, ref_label = [f"{g:+.3f} %" for g in rel], run_label(ref)
+            if run_seed(ref) == run_seed(run):
+                paired.setdefault(run.partition("@")[0], []).append(rel[0])
+        lines.append(f"| {run_label(run)} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} | {ref_label} |")
+    seed0 = bf16_of("none")
+    floor = [
+        100 * (tr / finals[seed0][0] - 1)
+        for run, (tr, _) in finals.items()
+        if run.partition("@")[0] == "none" and run != seed0
+    ]
+    rows = ([("bf16 at other seeds vs bf16 at seed 0 (the noise floor)", floor)] if floor else []) + [
+        (f"{recipe} vs bf16 of the same seed", gaps) for recipe, gaps in paired.items()
+    ]
+    if any(len(g) > 1 for _, g in rows) or floor:
+        lines += ["", "| train CE gap, over seeds | runs | mean | min | max |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, gaps in rows:
+            mean = sum(gaps) / len(gaps)
+            lines.append(f"| {name} | {len(gaps)} | {mean:+.3f} % | {min(gaps):+.3f} % | {max(gaps):+.3f} % |")
     return "\n".join(lines)
 
 
