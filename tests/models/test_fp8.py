@@ -336,6 +336,17 @@ def test_fp8_moe_traced_by_aot_autograd_matches_eager_on_the_cpu(fp8_config, one
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_compiled_fp8_moe_backward_graph_keeps_all_four_backward_gemms(one_thread):
+    """Both input-gradient and both weight-gradient GEMMs reach the compiled backward graph (under torch 2.11 the old
+    in-place padding lost ``dx = da13 @ w13`` there: benchmarks/fp8_backward_graph.py)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fp8_backward_graph import graph_ops
+
+    main = graph_ops()["out of place (main)"]
+    assert main["fw"]["dsv3.fp8_grouped_mm.default"] == 2
+    assert main["bw"]["dsv3.fp8_grouped_mm.default"] == 2 and main["bw"]["dsv3.fp8_grouped_mm_wgrad.default"] == 2
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_fp8_experts_padding_changes_nothing_but_precision(fp8_config, granularity, one_thread):
     """Same routing, same weights: the padded FP8 path stays within FP8 error of the bf16 path's math."""
