@@ -218,11 +218,7 @@ def summary(results: dict[str, dict]) -> str:
         finals[run] = (sum(train_ce[-TAIL:]) / len(train_ce[-TAIL:]), val_ce[-1] if val_ce else float("nan"))
 
     def bf16_of(run: str) -> str | None:
-        seed = run_seed(run)
-        for name in (f"none@{seed}", "none") if seed else ("none", "none@0"):
-            if name in finals:
-                return name
-        return None
+        return next((name for name in (f"none@{run_seed(run)}", "none") if name in finals), None)
 
     lines = [
         f"| run | train CE (mean of last {TAIL} steps) | gap to bf16 | final val CE | gap to bf16 | bf16 run |",
@@ -231,7 +227,7 @@ def summary(results: dict[str, dict]) -> str:
     paired: dict[str, list[float]] = {}
     for run, (tr, va) in finals.items():
         ref = bf16_of(run)
-        if ref is None or run.partition("@")[0] == "none":
+        if ref is None or run_config(run) is None:  # no bf16 run, or a bf16 run itself
             gaps, ref_label = ["—", "—"], "—"
         else:
             rel = [100 * (a / b - 1) for a, b in zip((tr, va), finals[ref], strict=True)]
@@ -241,9 +237,7 @@ def summary(results: dict[str, dict]) -> str:
         lines.append(f"| {run_label(run)} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} | {ref_label} |")
     seed0 = bf16_of("none")
     floor = [
-        100 * (tr / finals[seed0][0] - 1)
-        for run, (tr, _) in finals.items()
-        if run.partition("@")[0] == "none" and run != seed0
+        100 * (tr / finals[seed0][0] - 1) for run, (tr, _) in finals.items() if run_config(run) is None and run != seed0
     ]
     rows = ([("bf16 at other seeds vs bf16 at seed 0 (the noise floor)", floor)] if floor else []) + [
         (f"{recipe} vs bf16 of the same seed", gaps) for recipe, gaps in paired.items()

@@ -148,7 +148,7 @@ def fp8_transpose(q: torch.Tensor) -> torch.Tensor:
     """
     if q.is_cuda and triton is not None:
         return _launch_transpose(q)
-    return q.transpose(1, 2).contiguous()
+    return q.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # a copy even where N or K is 1
 
 
 @fp8_transpose.register_fake

@@ -265,6 +265,16 @@ def test_weight_transpose_from_the_forward_quantisation_is_bitwise_the_requantis
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1]), g
 
 
+def test_fp8_transpose_is_a_copy_on_the_cpu_even_for_unit_dimensions():
+    from models.parallel.fp8_quant import fp8_transpose
+
+    for shape in [(2, 100, 70), (1, 1, 130), (3, 5, 1)]:  # a unit N or K: the transposed view is contiguous already
+        q = (torch.randn(shape) * 50).to(E4M3)
+        got = fp8_transpose(q)
+        assert got.is_contiguous() and got.data_ptr() != q.data_ptr()
+        assert torch.equal(got.view(torch.uint8), q.transpose(1, 2).contiguous().view(torch.uint8)), shape
+
+
 def test_blockwise_linear_matches_its_definition_in_float64():
     """The report's recipe written out: 1x128 x and dy, 128x128 w, 1x128 dy^T and x^T along the tokens."""
     torch.manual_seed(0)
