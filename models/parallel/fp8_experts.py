@@ -15,8 +15,11 @@ The two forward GEMMs accumulate without promotion where torch's CUTLASS kernel 
 operands of the tensorwise and rowwise recipes), the convention of torchao's ``Float8Linear`` for its output GEMM,
 and the four backward GEMMs with promotion every 128 elements; blockwise (the report's recipe) promotes in all six.
 
-Gradients use E5M2 under tensorwise scaling (torchao's tensorwise convention: one scale per tensor needs the
-range) and E4M3 under the fine-grained recipes (the report: E4M3 on all tensors).
+Gradients are E4M3 (the report: E4M3 on all tensors) with the recipe's scales, except under tensorwise scaling,
+where one scale per tensor needs E5M2's range (torchao's tensorwise convention). There the input-gradient GEMMs
+quantise their gradient operand per row instead, in E4M3: a finer scale, and the E4M3 x E4M3 product torch's CUTLASS
+grouped GEMM takes (``fp8_grouped_mm``: row scales of the gradient against the weight's scale per expert); the
+weight gradients keep one E5M2 scale per tensor.
 
 Shapes: N token copies (rows grouped by expert, each group padded to 128 rows), D model dim, F expert hidden dim,
 E experts.
@@ -70,15 +73,26 @@ class _Float8SwiGLU(torch.autograd.Function):
         g, dtype, wdtype = ctx.granularity, a13_N2F.dtype, ctx.weight_dtype
         grad_fp8 = E5M2 if g == "tensorwise" else E4M3
         dy_ND = dy_ND.to(dtype)
-        dyq, sdy = quantize_act(dy_ND, g, grad_fp8)
-        dh_NF = fp8_grouped_mm(dyq, sdy, w2q_t, sw2_t, offsets_E, g, dtype)
+        dh_NF = _input_gradient(dy_ND, w2q_t, sw2_t, offsets_E, g)
         dw2_EDF = fp8_grouped_mm_wgrad(*quantize_act_t(dy_ND, g, offsets_E, grad_fp8), hq_t, sh_t, offsets_E, g, wdtype)
         da13_N2F = _swiglu_backward(a13_N2F, dh_NF)
-        daq, sda = quantize_act(da13_N2F, g, grad_fp8)
-        dx_ND = fp8_grouped_mm(daq, sda, w13q_t, sw13_t, offsets_E, g, dtype)
+        dx_ND = _input_gradient(da13_N2F, w13q_t, sw13_t, offsets_E, g)
         dw13 = fp8_grouped_mm_wgrad(*quantize_act_t(da13_N2F, g, offsets_E, grad_fp8), xq_t, sx_t, offsets_E, g, wdtype)
         dw1_EFD, dw3_EFD = dw13.chunk(2, dim=1)
         return dx_ND, dw1_EFD, dw2_EDF, dw3_EFD, None, None
+
+
+def _input_gradient(
+    dout_NO: torch.Tensor, wq_t_EIO: torch.Tensor, sw_t: torch.Tensor, offsets_E: torch.Tensor, granularity: str
+) -> torch.Tensor:
+    """dout @ w per expert (w^T's FP8 copy given as (E, I, O)): the gradient quantised in E4M3 with the recipe's
+    scales; under tensorwise per row (see the module docstring), the weight's scale per expert spread over its rows."""
+    if granularity == "tensorwise":
+        dq, sd = quantize_act(dout_NO, "rowwise", E4M3)
+        sw_t = sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
+        return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, "rowwise", dout_NO.dtype)
+    dq, sd = quantize_act(dout_NO, granularity, E4M3)
+    return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, granularity, dout_NO.dtype)
 
 
 def _swiglu_backward(a13_N2F: torch.Tensor, dh_NF: torch.Tensor) -> torch.Tensor:

@@ -372,7 +372,7 @@ def test_fp8_experts_padding_changes_nothing_but_precision(fp8_config, granulari
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(outs[1], outs[0]) < 0.08  # two E4M3 GEMMs in a row: ~5 %
     for got, want in zip(grads[1], grads[0], strict=True):
-        assert rel(got, want) < 0.15  # E5M2 gradients under tensorwise: ~10 %
+        assert rel(got, want) < 0.15  # E5M2 weight gradients under tensorwise: ~10 %
     assert moe.tokens_per_expert.sum() == 2 * 96 * fp8_config.num_experts_per_tok
 
 
@@ -396,7 +396,8 @@ def _reference_experts(x, w1, w2, w3, offsets, g):  # noqa: ANN001, ANN202
     for e, (lo, hi) in enumerate(groups):
         y[lo:hi] = h_[lo:hi] @ w2_[e].t()
     dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).float()  # the upstream gradient used below
-    dy_ = deq(quantize_act(dy, g, grad_fp8))
+    dgrad_g = "rowwise" if g == "tensorwise" else g  # input gradients: E4M3, per row under tensorwise
+    dy_ = deq(quantize_act(dy, dgrad_g))
     dyt_, ht_, xt_ = (_deq_t(t, g, offsets, grad_fp8 if t is dy else E4M3) for t in (dy, h, x))
     dh = torch.zeros_like(h, dtype=torch.float64)
     dw2 = torch.zeros_like(w2, dtype=torch.float64)
@@ -406,7 +407,7 @@ def _reference_experts(x, w1, w2, w3, offsets, g):  # noqa: ANN001, ANN202
     sig = torch.sigmoid(a1)
     dh = dh.float()
     da13 = torch.cat((dh * a3 * sig * (1 + a1 * (1 - sig)), dh * a1 * sig), dim=-1)
-    da_, dat_ = deq(quantize_act(da13, g, grad_fp8)), _deq_t(da13, g, offsets, grad_fp8)
+    da_, dat_ = deq(quantize_act(da13, dgrad_g)), _deq_t(da13, g, offsets, grad_fp8)
     dx = torch.zeros_like(x, dtype=torch.float64)
     dw13 = torch.zeros_like(w13, dtype=torch.float64)
     for e, (lo, hi) in enumerate(groups):
@@ -452,6 +453,33 @@ def test_fp8_experts_forward_and_backward_match_per_expert_reference(granularity
         assert rel(p.grad, ref) < 5e-3
     assert fp8.w2.grad[1].abs().max() == 0  # the empty expert gets a zero gradient
 
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_input_gradient_gemms_take_e4m3_operands_as_torchs_cutlass_kernel_needs(granularity, monkeypatch):
+    """Every expert GEMM but the weight gradients multiplies two E4M3 operands: what ``fp8_grouped_mm`` needs to send
+    tensorwise and rowwise products to torch's CUTLASS grouped GEMM (for tensorwise's input gradients, row scales of
+    the gradient against the weight's scale per expert). Blockwise runs on the Triton kernels."""
+    from models.parallel import fp8_experts
+
+    calls = []
+
+    def record(a, sa, b, sb, offsets, granularity, out_dtype, fast_accum=False):  # noqa: ANN001, ANN202
+        calls.append((a.dtype, b.dtype, granularity, tuple(sa.shape), tuple(sb.shape)))
+        return grouped_mm_reference(a, sa, b, sb, offsets, out_dtype)
+
+    monkeypatch.setattr(fp8_experts, "fp8_grouped_mm", record)
+    e, d, f = 2, 256, 128
+    experts = GroupedExperts(e, d, f)
+    for w in (experts.w1, experts.w2, experts.w3):
+        nn.init.normal_(w, std=0.05)
+    x = torch.randn(256, d, requires_grad=True)
+    Float8GroupedExperts(experts, granularity)(x, torch.tensor([128, 256], dtype=torch.int32)).sum().backward()
+    assert len(calls) == 4  # two forward GEMMs, then the two input gradients
+    for a_dtype, b_dtype, *_ in calls:
+        assert a_dtype == b_dtype == E4M3
+    if granularity == "tensorwise":
+        assert [c[2:] for c in calls[2:]] == [("rowwise", (256,), (e, f)), ("rowwise", (256,), (e, d))]
 
 # ----------------------------------------------------------------------------------------------- training
 def _train(config: DeepSeekV3Config, fp8: FP8Config | None, steps: int) -> list[float]:
