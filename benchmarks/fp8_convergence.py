@@ -235,11 +235,11 @@ def summary(results: dict[str, dict]) -> str:
             if run_seed(ref) == run_seed(run):
                 paired.setdefault(run.partition("@")[0], []).append(rel[0])
         lines.append(f"| {run_label(run)} | {tr:.4f} | {gaps[0]} | {va:.4f} | {gaps[1]} | {ref_label} |")
-    seed0 = bf16_of("none")
-    floor = [
-        100 * (tr / finals[seed0][0] - 1) for run, (tr, _) in finals.items() if run_config(run) is None and run != seed0
-    ]
-    rows = ([("bf16 at other seeds vs bf16 at seed 0 (the noise floor)", floor)] if floor else []) + [
+    bf16_runs = sorted((run for run in finals if run_config(run) is None), key=run_seed)
+    base = bf16_runs[0] if bf16_runs else None  # the noise floor: bf16 at its other seeds against its lowest seed
+    floor = [100 * (finals[run][0] / finals[base][0] - 1) for run in bf16_runs[1:]]
+    floor_name = f"bf16 at other seeds vs bf16 at seed {run_seed(base) if base else 0} (the noise floor)"
+    rows = ([(floor_name, floor)] if floor else []) + [
         (f"{recipe} vs bf16 of the same seed", gaps) for recipe, gaps in paired.items()
     ]
     if any(len(g) > 1 for _, g in rows) or floor:

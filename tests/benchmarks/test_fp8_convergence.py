@@ -34,3 +34,12 @@ def test_summary_pairs_each_fp8_run_with_the_bf16_run_of_its_seed():
     paired = lines["tensorwise vs bf16 of the same seed"]
     assert "| 2 | +0.500 % | +0.000 % | +1.000 % |" in paired
     assert "blockwise vs bf16 of the same seed" not in lines
+
+
+def test_summary_without_a_seed_0_run_measures_the_noise_floor_from_the_lowest_seed():
+    # One process per seed, as on a shared GPU: its own summary has no seed-0 run (this raised KeyError once).
+    text = fc.summary({"none@1": _run(5.0, 4.0), "tensorwise@1": _run(5.05, 4.0)})
+    assert "+1.000 %" in text and "noise floor" not in text
+    text = fc.summary({"none@2": _run(5.1, 4.0), "none@1": _run(5.0, 4.0), "tensorwise@2": _run(5.1, 4.0)})
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert "| 1 | +2.000 %" in lines["bf16 at other seeds vs bf16 at seed 1 (the noise floor)"]
