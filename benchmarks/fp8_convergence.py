@@ -208,6 +208,11 @@ def _series(rows: dict, key: str) -> tuple[list[int], list[float]]:
     return steps, [rows[s][key] for s in steps]
 
 
+def bf16_run_of(run: str, runs) -> str | None:  # noqa: ANN001 - any container of run names
+    """The bf16 run an FP8 run is compared with: ``none@<its seed>``, else ``none`` (seed 0), else None."""
+    return next((name for name in (f"none@{run_seed(run)}", "none") if name in runs), None)
+
+
 def summary(results: dict[str, dict]) -> str:
     """Each run's final losses and its relative gap to the bf16 run of its seed (``none@<seed>``; ``none`` where that
     seed has none), then, over seeds, the mean and spread of each recipe's paired gaps against bf16's own spread."""
@@ -217,16 +222,13 @@ def summary(results: dict[str, dict]) -> str:
         _, val_ce = _series(rows, "val/loss")
         finals[run] = (sum(train_ce[-TAIL:]) / len(train_ce[-TAIL:]), val_ce[-1] if val_ce else float("nan"))
 
-    def bf16_of(run: str) -> str | None:
-        return next((name for name in (f"none@{run_seed(run)}", "none") if name in finals), None)
-
     lines = [
         f"| run | train CE (mean of last {TAIL} steps) | gap to bf16 | final val CE | gap to bf16 | bf16 run |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     paired: dict[str, list[float]] = {}
     for run, (tr, va) in finals.items():
-        ref = bf16_of(run)
+        ref = bf16_run_of(run, finals)
         if ref is None or run_config(run) is None:  # no bf16 run, or a bf16 run itself
             gaps, ref_label = ["—", "—"], "—"
         else:
@@ -257,7 +259,6 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(12, 4.2))
-    ref_steps, ref = _series(results.get("none", {}), "train/ce_loss")
     window = 25
     smooth = lambda v: [
         sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))
@@ -268,7 +269,8 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
         ax.plot(steps, smooth(ce), label=f"{label} train (mean of {window})", lw=1)
         vsteps, vce = _series(rows, "val/loss")
         ax.plot(vsteps, vce, "o--", ms=3, label=f"{label} validation")
-        if run != "none" and steps == ref_steps:
+        ref_steps, ref = _series(results.get(bf16_run_of(run, results), {}), "train/ce_loss")
+        if run_config(run) is not None and steps == ref_steps:  # each FP8 run against the bf16 run of its seed
             gap = [100 * (a / b - 1) for a, b in zip(smooth(ce), smooth(ref), strict=True)]
             ax_gap.plot(steps, gap, label=label, lw=1)
     ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=title, ylim=(None, None))
