@@ -169,8 +169,9 @@ def _cutlass_mm(a, sa, b, sb, offsets, granularity, out_dtype, fast_accum=False)
     m, n_experts, n = a.shape[0], b.shape[0], b.shape[1]
     if granularity == "tensorwise":
         sa, sb = sa.expand(m), sb[:, None].expand(n_experts, n)
-    out = torch._scaled_grouped_mm(  # the kernel reads scales as dense arrays (an expanded view fails its check)
-        a, b.transpose(-2, -1), sa.contiguous(), sb.contiguous(), offs=offsets, out_dtype=out_dtype, use_fast_accum=fast_accum
+    sa, sb = sa.contiguous(), sb.contiguous()  # the kernel reads dense scale arrays (an expanded view fails its check)
+    out = torch._scaled_grouped_mm(
+        a, b.transpose(-2, -1), sa, sb, offs=offsets, out_dtype=out_dtype, use_fast_accum=fast_accum
     )
     return _zero_rows_past_groups(out, offsets)
 

@@ -454,7 +454,6 @@ def test_fp8_experts_forward_and_backward_match_per_expert_reference(granularity
     assert fp8.w2.grad[1].abs().max() == 0  # the empty expert gets a zero gradient
 
 
-
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_input_gradient_gemms_take_e4m3_operands_as_torchs_cutlass_kernel_needs(granularity, monkeypatch):
     """Every expert GEMM but the weight gradients multiplies two E4M3 operands: what ``fp8_grouped_mm`` needs to send
@@ -480,6 +479,7 @@ def test_input_gradient_gemms_take_e4m3_operands_as_torchs_cutlass_kernel_needs(
         assert a_dtype == b_dtype == E4M3
     if granularity == "tensorwise":
         assert [c[2:] for c in calls[2:]] == [("rowwise", (256,), (e, f)), ("rowwise", (256,), (e, d))]
+
 
 # ----------------------------------------------------------------------------------------------- training
 def _train(config: DeepSeekV3Config, fp8: FP8Config | None, steps: int) -> list[float]:
