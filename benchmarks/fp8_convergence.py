@@ -12,6 +12,7 @@ widths (all but ``wkv_a``, whose 576 outputs are not).
     python benchmarks/fp8_convergence.py --dump-batches conv.pt             # CPU: tokenise once (needs datasets)
     python benchmarks/fp8_convergence.py --batches conv.pt --runs none,blockwise,tensorwise --out out/   # GPU
     python benchmarks/fp8_convergence.py --plot-csv out/fp8_convergence.csv --out docs/figures          # re-plot
+    python benchmarks/fp8_convergence.py --plot-csv out/s0/*.csv out/s1/*.csv --out merged/   # one process a seed
 
 Outputs: ``fp8_convergence.csv`` (run, step, train CE, validation CE where measured) and ``fp8_convergence.png``;
 the summary printed last gives each FP8 run's gap to BF16 of the same seed: the mean training CE of the last 100
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON changes to CONVERGENCE_MODEL")
-    p.add_argument("--plot-csv", type=Path, help="only re-plot this CSV into --out")
+    p.add_argument("--plot-csv", type=Path, nargs="+", help="only re-plot these CSVs (their runs merged) into --out")
     p.add_argument("--title", default=None)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         dump_batches(args.dump_batches, args.steps, args.batch_size, args.seq_len, args.val_batches)
         return
     if args.plot_csv is not None:
-        results = read_csv(args.plot_csv)
+        results = {run: rows for path in args.plot_csv for run, rows in read_csv(path).items()}
+        if len(args.plot_csv) > 1:
+            write_csv(args.out / "fp8_convergence.csv", results)  # the merged runs
     else:
         data = torch.load(args.batches)
         data["train"], data["val"] = data["train"][: args.steps], data["val"][: args.val_batches]

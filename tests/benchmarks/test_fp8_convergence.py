@@ -43,3 +43,12 @@ def test_summary_without_a_seed_0_run_measures_the_noise_floor_from_the_lowest_s
     text = fc.summary({"none@2": _run(5.1, 4.0), "none@1": _run(5.0, 4.0), "tensorwise@2": _run(5.1, 4.0)})
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
     assert "| 1 | +2.000 %" in lines["bf16 at other seeds vs bf16 at seed 1 (the noise floor)"]
+
+
+def test_plot_csv_merges_the_runs_of_one_process_per_seed(tmp_path, capsys):
+    for seed in (1, 2):
+        fc.write_csv(tmp_path / f"s{seed}.csv", {f"none@{seed}": _run(5.0, 4.0), f"tensorwise@{seed}": _run(5.05, 4.0)})
+    fc.main(["--plot-csv", str(tmp_path / "s1.csv"), str(tmp_path / "s2.csv"), "--out", str(tmp_path / "merged")])
+    merged = fc.read_csv(tmp_path / "merged" / "fp8_convergence.csv")
+    assert sorted(merged) == ["none@1", "none@2", "tensorwise@1", "tensorwise@2"]
+    assert "| tensorwise vs bf16 of the same seed | 2 | +1.000 %" in capsys.readouterr().out
