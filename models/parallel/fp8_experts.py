@@ -88,9 +88,7 @@ def _input_gradient(
     """dout @ w per expert (w^T's FP8 copy given as (E, I, O)): the gradient quantised in E4M3 with the recipe's
     scales; under tensorwise per row (see the module docstring), the weight's scale per expert spread over its rows."""
     if granularity == "tensorwise":
-        dq, sd = quantize_act(dout_NO, "rowwise", E4M3)
-        sw_t = sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
-        return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, "rowwise", dout_NO.dtype)
+        granularity, sw_t = "rowwise", sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
     dq, sd = quantize_act(dout_NO, granularity, E4M3)
     return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, granularity, dout_NO.dtype)
 
