@@ -15,6 +15,7 @@ D 7168, F 2048, 8192 tokens top-8) and a random top-k routing:
 
     python benchmarks/fp8_grouped_gemm.py --out bench_out         # one H200: both shapes, ~1 minute
     python benchmarks/fp8_grouped_gemm.py --device cpu --shape tiny --no-compile   # smoke run of the harness
+    python benchmarks/fp8_grouped_gemm.py --gemms-only --tiles    # and every Triton tile alone (the autotuner's choice)
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def _routing(n_experts: int, tokens: int, top_k: int, device: torch.device):
     return weights, idx, counts
 
 
-def gemm_table(shape: str, device: torch.device, reps: int) -> list[dict]:
-    """TFLOP/s of the forward and weight-gradient grouped GEMMs per implementation."""
+def gemm_table(shape: str, device: torch.device, reps: int, tiles: bool = False) -> list[dict]:
+    """TFLOP/s of the forward and weight-gradient grouped GEMMs per implementation; with ``tiles``, also each Triton
+    tile the autotuner chooses from (``fp8_grouped_mm.TILES``), run alone."""
     n_experts, dim, hidden, tokens, top_k = SHAPES[shape]
     _, idx, counts = _routing(n_experts, tokens, top_k, device)
     rows_real = tokens * top_k
@@ -115,6 +117,14 @@ def gemm_table(shape: str, device: torch.device, reps: int) -> list[dict]:
         add(fwd, ours, G._launch_mm if device.type == "cuda" else fp8_grouped_mm, xq, sx, wq, sw, offsets, g, bf16)
         wgrad_fn = G._launch_wgrad if device.type == "cuda" else fp8_grouped_mm_wgrad
         add(wgrad, ours, wgrad_fn, dyq_t, sdy, xq_t, sx_t, offsets, g, bf16)
+        for kernel, gemm, fn, fn_args in [
+            ("mm", fwd, G._launch_mm, (xq, sx, wq, sw)),
+            ("wgrad", wgrad, G._launch_wgrad, (dyq_t, sdy, xq_t, sx_t)),
+        ]:
+            for tile in G.TILES[kernel, g == "blockwise"] if tiles and device.type == "cuda" else ():
+                m, n, k, warps, stages = tile
+                with G.only_tile(kernel, tile):
+                    add(gemm, f"{ours[:-1]}, tile {m}x{n}x{k} {warps}w {stages}s)", fn, *fn_args, offsets, g, bf16)
         if g != "blockwise" and device.type == "cuda":  # torch's CUTLASS kernel, as fp8_grouped_mm dispatches to it
             cutlass = f"fp8 {g} torch._scaled_grouped_mm (CUTLASS, promoted: ours)"
             add(fwd, cutlass, G._cutlass_mm, xq, sx, wq, sw, offsets, g, bf16)
@@ -243,13 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compile", action="store_true", help="eager layer timings (the quantisation unfused)")
     p.add_argument("--profile", action="store_true", help="write each layer's kernel-time table to --out")
     p.add_argument("--gemms-only", action="store_true", help="only the GEMM table (no layer, nothing compiled)")
+    p.add_argument("--tiles", action="store_true", help="also time each Triton tile the autotuner chooses from")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     gemms, layers = [], []
     for shape in args.shape.split(","):
-        gemms += gemm_table(shape, device, args.reps)
+        gemms += gemm_table(shape, device, args.reps, args.tiles)
         if not args.gemms_only:
             layers += layer_table(
                 shape, device, args.reps, not args.no_compile, Path(args.out) if args.profile else None

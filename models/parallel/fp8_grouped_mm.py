@@ -33,6 +33,7 @@ Shapes: M rows (token copies, grouped by expert), K the contraction, N output fe
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -190,17 +191,62 @@ def _cutlass_wgrad(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: 
 
 
 # ----------------------------------------------------------------------------------------------- Triton
-def _configs() -> list:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper FP8 tiles (two warpgroups on 128x256, one on 128x128);
-    # BLOCK_M divides 128, the groups' alignment; blockwise scales change every 128 along the sum, which must then be
-    # the kernel's step (BLOCK_K, and BLOCK_M of the weight-gradient kernel): 128 everywhere.
+# The tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner times, per kernel and per kind of scaling.
+# Hopper FP8 tiles: two warpgroups on 128x256, one or two on 128x128. BLOCK_M divides 128, the groups' alignment.
+# Blockwise scales change every 128 along the sum, so the kernel's step there must divide 128: BLOCK_K = 128, and
+# the weight-gradient kernel's BLOCK_M (its sum runs over rows). Blockwise kernels hold a second float32 tile per
+# thread (each 128-wide step's product, scaled before it is added to the accumulator), so they get tiles with fewer
+# accumulator elements per thread. On the promoted kernels' tiles, ptxas (sm_90a, Triton 3.6) spills 430-770 bytes
+# per thread to local memory under blockwise scaling; on the blockwise tiles it spills none. The forward's
+# 128x256 / 8-warp tile spills 400 bytes even when promoted, which is why 128x128 / 8 warps is offered there too.
+# ``tests/models/test_fp8.py`` compiles every blockwise tile and checks that ptxas spills nothing.
+TILES = {
+    ("mm", False): ((128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4)),
+    ("wgrad", False): ((128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4)),
+    ("mm", True): ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (64, 256, 128, 8, 3), (64, 128, 128, 4, 4),
+                   (128, 64, 128, 4, 4)),
+    ("wgrad", True): ((128, 64, 128, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 8, 4), (64, 64, 128, 4, 6)),
+}  # fmt: skip
+
+
+def _tile(config) -> tuple:  # noqa: ANN001
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _configs(kernel: str) -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small config, no autotuning
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4)]
-    shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4)]
+    tiles = dict.fromkeys(TILES[kernel, False] + TILES[kernel, True])  # ordered, distinct
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+        for m, n, k, w, s in tiles
     ]
+
+
+def _prune(kernel: str):  # noqa: ANN202
+    """``early_config_prune``: of the kernel's configs, the tiles listed for this launch's scaling."""
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:  # noqa: ANN003
+        wanted = TILES[kernel, kwargs.get("SCALING", named_args.get("SCALING")) == _SCALING["blockwise"]]
+        return [c for c in configs if _tile(c) in wanted] or configs  # the interpreter's single config
+
+    return prune
+
+
+@contextlib.contextmanager
+def only_tile(kernel: str, tile: tuple):
+    """Within the block, the ``"mm"`` or ``"wgrad"`` kernel runs this one tile of ``TILES`` (no autotuning): what the
+    per-tile benchmark (``benchmarks/fp8_grouped_gemm.py --tiles``) and the per-tile GPU test run."""
+    autotuner = _grouped_mm_kernel if kernel == "mm" else _grouped_mm_wgrad_kernel
+    saved = autotuner.configs, autotuner.cache
+    autotuner.configs = [c for c in saved[0] if _tile(c) == tuple(tile)]
+    assert autotuner.configs, f"{tile} is not a tile of TILES for {kernel!r}"
+    autotuner.cache = {}
+    try:
+        yield
+    finally:
+        autotuner.configs, autotuner.cache = saved
 
 
 if triton is not None:
@@ -212,7 +258,9 @@ if triton is not None:
         ends = tl.load(offsets_ptr + offs_e, mask=offs_e < n_experts, other=2**31 - 1)
         return tl.sum((ends <= row0).to(tl.int32), axis=0)
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "SCALING"])
+    @triton.autotune(
+        configs=_configs("mm"), key=["N", "K", "SCALING"], prune_configs_by={"early_config_prune": _prune("mm")}
+    )
     @triton.jit
     def _grouped_mm_kernel(
         a_ptr,
@@ -272,7 +320,9 @@ if triton is not None:
         else:  # rows past the last group
             tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=n_mask[None, :])
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "SCALING"])
+    @triton.autotune(
+        configs=_configs("wgrad"), key=["N", "K", "SCALING"], prune_configs_by={"early_config_prune": _prune("wgrad")}
+    )
     @triton.jit
     def _grouped_mm_wgrad_kernel(
         at_ptr,

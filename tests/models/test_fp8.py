@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -563,11 +564,9 @@ def test_triton_kernels_match_reference_in_the_interpreter(granularity):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (compiles for sm_90 without a GPU)")
-@pytest.mark.parametrize("kernel", ["_grouped_mm_kernel", "_grouped_mm_wgrad_kernel"])
-def test_kernels_compile_for_hopper_to_pipelined_16_byte_copies(kernel):
-    """The FP8 operands are copied to shared memory 16 bytes at a time, asynchronously (cp.async), never a byte at a
-    time: the weight-gradient kernel once read its groups' unaligned starts byte by byte, 30x slower on an H200."""
+def _compile_for_hopper(kernel: str, scaling: int, tile: tuple):
+    """The kernel (``"mm"`` or ``"wgrad"``) compiled for sm_90a by Triton on this machine, no GPU needed: its PTX and
+    what ptxas says of it (registers, bytes spilled per thread)."""
     import re
 
     import triton
@@ -576,20 +575,73 @@ def test_kernels_compile_for_hopper_to_pipelined_16_byte_copies(kernel):
 
     from models.parallel import fp8_grouped_mm as G
 
-    fn = getattr(G, kernel).fn  # under the autotuner
+    fn = (G._grouped_mm_kernel if kernel == "mm" else G._grouped_mm_wgrad_kernel).fn  # under the autotuner
     names = list(fn.arg_names)
     types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "at_ptr": "*fp8e4nv", "bt_ptr": "*fp8e4nv", "c_ptr": "*bf16"}
     types |= {"offsets_ptr": "*i32", "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
-    consts = {"SCALING": 2, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "E_POW2": 64}
+    block_m, block_n, block_k, warps, stages = tile
+    consts = {"SCALING": scaling, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    consts["E_POW2"] = 64
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     # what the launcher's arguments give Triton: 16-byte aligned pointers, sizes multiples of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in consts and n != "n_experts"}
     source = ASTSource(fn, signature, {n: v for n, v in consts.items() if n in names}, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-    ptx = compiled.asm["ptx"]
+    options = {"num_warps": warps, "num_stages": stages}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options).asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return ptx, None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        cmd = [str(ptxas), "-v", "--gpu-name=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    spilled = re.search(r"(\d+) bytes spill stores", log)
+    return ptx, {"registers": int(re.search(r"Used (\d+) registers", log)[1]), "spilled": int(spilled[1])}
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (compiles for sm_90 without a GPU)")
+@pytest.mark.parametrize("kernel", ["mm", "wgrad"])
+def test_kernels_compile_for_hopper_to_pipelined_16_byte_copies(kernel):
+    """The FP8 operands are copied to shared memory 16 bytes at a time, asynchronously (cp.async), never a byte at a
+    time: the weight-gradient kernel once read its groups' unaligned starts byte by byte, 30x slower on an H200."""
+    import re
+
+    from models.parallel.fp8_grouped_mm import TILES
+
+    ptx, _ = _compile_for_hopper(kernel, 2, TILES[kernel, True][0])
     assert re.search(r"cp\.async\.cg\.shared\.global[^\n]*0x10", ptx), "no 16-byte async copies"
     assert not re.search(r"ld\.global(\.\w+)*\.b8", ptx), "FP8 operands loaded byte by byte"
     assert "wgmma" in ptx
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (compiles for sm_90 without a GPU)")
+@pytest.mark.parametrize("kernel", ["mm", "wgrad"])
+def test_blockwise_tiles_compile_for_hopper_without_register_spills(kernel):
+    """Every tile the autotuner may give a blockwise kernel keeps its two float32 tiles in registers: ptxas spills
+    nothing to local memory. The promoted kernels' 128x256 / 8-warp tile, which blockwise ran on before, spills
+    hundreds of bytes per thread there (checked too, so that the probe is seen to find spills)."""
+    from models.parallel.fp8_grouped_mm import TILES
+
+    _, before = _compile_for_hopper(kernel, 2, (128, 256, 128, 8, 3))
+    if before is None:
+        pytest.skip("this triton ships no ptxas")
+    assert before["spilled"] > 100, before
+    for tile in TILES[kernel, True]:
+        _, info = _compile_for_hopper(kernel, 2, tile)
+        assert info["spilled"] == 0, (tile, info)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_every_triton_tile_matches_reference_on_gpu(granularity):
+    """Each tile of ``TILES`` the autotuner may pick for this scaling, run alone, against the reference."""
+    from models.parallel.fp8_grouped_mm import TILES, only_tile
+
+    blockwise = granularity == "blockwise"
+    for kernel in ("mm", "wgrad"):
+        for tile in TILES[kernel, blockwise]:
+            with only_tile(kernel, tile):
+                _check_kernels(granularity, "cuda")
 
 
 @pytest.mark.gpu
