@@ -31,7 +31,7 @@ from torch import nn
 
 from models.moe import GroupedExperts, compute_dtype
 from models.parallel.fp8_experts import Float8GroupedExperts
-from models.parallel.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_wgrad
+from models.parallel.fp8_grouped_mm import fp8_blockwise_mm, fp8_grouped_mm, fp8_grouped_mm_wgrad, use_cublas_blockwise
 from models.parallel.fp8_quant import (
     BLOCK,
     GRANULARITIES,
@@ -254,7 +254,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- blockwise linear
 class _BlockwiseLinear(torch.autograd.Function):
-    """y = x w^T with the report's blockwise FP8 numerics, on the grouped GEMM kernels with one group.
+    """y = x w^T with the report's blockwise FP8 numerics: on a Hopper GPU with CUDA >= 12.9 on cuBLAS's blockwise
+    GEMM (``fp8_blockwise_mm``, where the sum's 128-blocks are a multiple of 4), otherwise the grouped kernels with one
+    group.
 
     Forward and input gradient: x and dy in 1x128 tiles along the sum, w in 128x128 blocks (one quantisation serves
     w and w^T). Weight gradient: dy^T and x^T in 1x128 tiles along the tokens it sums over. The backward keeps x^T in
@@ -269,7 +271,11 @@ class _BlockwiseLinear(torch.autograd.Function):
         offsets = torch.full((1,), x_MK.shape[0], dtype=torch.int32, device=x.device)  # one group: every row
         w = weight.unsqueeze(0)  # (1, N, K)
         wq = quantize_weight(w, "blockwise")
-        y = fp8_grouped_mm(*quantize_act(x_MK, "blockwise"), *wq, offsets, "blockwise", dtype)
+        xq = quantize_act(x_MK, "blockwise")
+        if use_cublas_blockwise(x_MK, x_MK.shape[1]):
+            y = fp8_blockwise_mm(*xq, wq[0][0], wq[1][0], dtype)
+        else:
+            y = fp8_grouped_mm(*xq, *wq, offsets, "blockwise", dtype)
         ctx.save_for_backward(
             offsets, *quantize_act_t(x_MK, "blockwise", offsets), *quantize_weight_t(w, "blockwise", quantized=wq)
         )
@@ -281,9 +287,16 @@ class _BlockwiseLinear(torch.autograd.Function):
         offsets, xq_t, sx_t, wq_t, sw_t = ctx.saved_tensors
         dy_MN = _pad_rows(dy.reshape(-1, dy.shape[-1]))
         g = "blockwise"
-        dx = fp8_grouped_mm(*quantize_act(dy_MN, g), wq_t, sw_t, offsets, g, dy.dtype)[: ctx.rows]
-        dw = fp8_grouped_mm_wgrad(*quantize_act_t(dy_MN, g, offsets), xq_t, sx_t, offsets, g, ctx.weight_dtype)
-        return dx.reshape(*dy.shape[:-1], -1), dw[0], None
+        dyq, dyq_t = quantize_act(dy_MN, g), quantize_act_t(dy_MN, g, offsets)
+        if use_cublas_blockwise(dy_MN, dy_MN.shape[1]):
+            dx = fp8_blockwise_mm(*dyq, wq_t[0], sw_t[0], dy.dtype)[: ctx.rows]
+        else:
+            dx = fp8_grouped_mm(*dyq, wq_t, sw_t, offsets, g, dy.dtype)[: ctx.rows]
+        if use_cublas_blockwise(dy_MN, dy_MN.shape[0]):
+            dw = fp8_blockwise_mm(*dyq_t, xq_t, sx_t, ctx.weight_dtype)
+        else:
+            dw = fp8_grouped_mm_wgrad(*dyq_t, xq_t, sx_t, offsets, g, ctx.weight_dtype)[0]
+        return dx.reshape(*dy.shape[:-1], -1), dw, None
 
 
 def _pad_rows(x_MK: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,38 @@ def _cutlass_wgrad(a_t, sa, b_t, sb, offsets, granularity, out_dtype):  # noqa: 
     return torch.where(empty[:, None, None], 0, out)
 
 
+# --------------------------------------------------------------------------------------- cuBLAS, one group
+# The dense blockwise linears (one group) run on cuBLAS's blockwise-scaled FP8 GEMM (CUDA >= 12.9, sm_90), which
+# applies the 1x128 / 128x128 scales outside the tensor cores' accumulation every 128 elements of the sum (promoted,
+# as the report does), where the grouped Triton kernel stalls on the scale multiply after each step. A custom op, so
+# that ``torch.compile`` keeps the compiled block whole (dynamo cannot trace ``torch._scaled_mm``'s blockwise form in
+# torch 2.11: the graph break torchao's ``Float8BlockwiseLinear`` hits).
+@torch.library.custom_op("dsv3::fp8_blockwise_mm", mutates_args=())
+def fp8_blockwise_mm(
+    a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``a @ b^T`` of row-major E4M3 a (M, K) and b (N, K), sa (M, K/128) in 1x128 tiles, sb (N/128, K/128) in
+    128x128 blocks or (N, K/128) in 1x128 tiles (the weight gradient), as ``fp8_quant`` lays them out (row-major);
+    here rearranged into what cuBLAS reads: 1x128 scales outer-dimension-major, 128x128 scales K-major."""
+    sa = sa.t().contiguous().t()
+    sb = sb.t().contiguous() if sb.shape[0] == b.shape[0] else sb.t()
+    return torch._scaled_mm(a, b.t(), sa, sb, out_dtype=out_dtype)
+
+
+@fp8_blockwise_mm.register_fake
+def _(a, sa, b, sb, out_dtype):  # noqa: ANN001, ANN202
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+def use_cublas_blockwise(a: torch.Tensor, k: int) -> bool:
+    """Whether ``fp8_blockwise_mm`` serves a one-group blockwise product of this operand with a sum of length k:
+    a Hopper GPU, CUDA >= 12.9, and K/128 a multiple of 4 (cuBLAS reads 128x128 scales with a 16-byte stride)."""
+    if backend != "auto" or not a.is_cuda or torch.version.hip or (k // BLOCK) % 4:
+        return False
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return cuda >= (12, 9) and torch.cuda.get_device_capability(a.device) >= (9, 0)
+
+
 # ----------------------------------------------------------------------------------------------- Triton
 # The tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner times, per kernel and per kind of scaling.
 # Hopper FP8 tiles: two warpgroups on 128x256, one or two on 128x128. BLOCK_M divides 128, the groups' alignment.

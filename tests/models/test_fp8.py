@@ -632,6 +632,55 @@ def test_blockwise_tiles_compile_for_hopper_without_register_spills(kernel):
 
 
 @pytest.mark.gpu
+def test_cublas_blockwise_mm_matches_reference_and_compiles_whole_on_gpu():
+    """``fp8_blockwise_mm`` (cuBLAS) for the three GEMMs of a blockwise linear, against the dequantised reference with
+    one group; then ``BlockwiseLinear`` on it compiled with ``fullgraph=True`` (no graph break) against the Triton
+    path's output and gradients (the same FP8 operands, so equal up to accumulation order)."""
+    from models.parallel import fp8_grouped_mm as G
+
+    m, n, k = 512, 512, 1024  # every sum (k, n, m) 4 or 8 blocks of 128: what cuBLAS is given
+    x, dy = torch.randn(m, k, device="cuda"), torch.randn(m, n, device="cuda")
+    w = torch.randn(1, n, k, device="cuda") * 0.1
+    offsets = torch.full((1,), m, dtype=torch.int32, device="cuda")
+    assert G.use_cublas_blockwise(x, k) and not G.use_cublas_blockwise(x, 384)  # 3 blocks: the Triton kernels
+    xq, wq, dyq = quantize_act(x, "blockwise"), quantize_weight(w, "blockwise"), quantize_act(dy, "blockwise")
+    wq_t = quantize_weight_t(w, "blockwise", quantized=wq)
+    dyq_t, xq_t = quantize_act_t(dy, "blockwise", offsets), quantize_act_t(x, "blockwise", offsets)
+    cpu = lambda ts: [t.cpu() for t in ts]  # noqa: E731
+    f32 = torch.float32
+    outs = [
+        G.fp8_blockwise_mm(*xq, wq[0][0], wq[1][0], f32),
+        G.fp8_blockwise_mm(*dyq, wq_t[0][0], wq_t[1][0], f32),
+        G.fp8_blockwise_mm(*dyq_t, *xq_t, f32),
+    ]
+    refs = [
+        grouped_mm_reference(*cpu([*xq, *wq, offsets]), f32),
+        grouped_mm_reference(*cpu([*dyq, *wq_t, offsets]), f32),
+        grouped_mm_wgrad_reference(*cpu([*dyq_t, *xq_t, offsets]), "blockwise", f32)[0],
+    ]
+    cases = zip(outs, refs, strict=True)
+    for out, ref in cases:
+        assert ((out.cpu() - ref).norm() / ref.norm()) < 2e-3
+
+    lin = nn.Linear(k, 512, bias=False, device="cuda", dtype=torch.bfloat16)
+    block = BlockwiseLinear.from_float(lin)
+    xb = torch.randn(2, 200, k, device="cuda", dtype=torch.bfloat16)  # 400 rows: padded to 512 inside
+    results = []
+    for backend, fn in (("auto", torch.compile(block, fullgraph=True)), ("triton", block)):
+        G.backend = backend
+        try:
+            xi = xb.clone().requires_grad_()
+            y = fn(xi)
+            y.float().square().sum().backward()
+            results.append((y.float(), xi.grad.float(), block.weight.grad.float()))
+            block.weight.grad = None
+        finally:
+            G.backend = "auto"
+    for a, b in zip(*results, strict=True):
+        assert ((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_every_triton_tile_matches_reference_on_gpu(granularity):
     """Each tile of ``TILES`` the autotuner may pick for this scaling, run alone, against the reference."""
