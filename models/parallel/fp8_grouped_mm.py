@@ -336,8 +336,13 @@ if triton is not None:
                 if SCALING == 2:  # 1x128 tiles of a, 128x128 blocks of b: scale each step's product
                     n_kb = K // 128
                     s_a = tl.load(sa_ptr + offs_m * n_kb + k0 // 128)
-                    s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k0 // 128, mask=n_mask)
-                    acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
+                    if BLOCK_N <= 128:  # the tile lies in one 128-block of b's rows: one scale of b
+                        s_b = tl.load(sb_ptr + (expert * tl.cdiv(N, 128) + pid_n * BLOCK_N // 128) * n_kb + k0 // 128)
+                        acc += tl.dot(a, b) * (s_a * s_b)[:, None]
+                    else:
+                        sb_ptrs = sb_ptr + (expert * tl.cdiv(N, 128) + offs_n // 128) * n_kb + k0 // 128
+                        s_b = tl.load(sb_ptrs, mask=n_mask, other=1.0)
+                        acc += tl.dot(a, b) * (s_a[:, None] * s_b[None, :])
                 else:  # promoted to the float32 accumulator every BLOCK_K (see the module docstring)
                     acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
                 a_ptrs += BLOCK_K
