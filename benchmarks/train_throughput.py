@@ -559,7 +559,7 @@ def _profiler(args: argparse.Namespace, v: Variant):
 
 def _write_profile(prof, args: argparse.Namespace, v: Variant) -> None:  # noqa: ANN001
     name = f"profile_{v.impl}_mb{v.micro_batch}_ga{v.grad_accum}_{v.precision}_{v.fp8}_{'c' if v.compile else 'e'}.txt"
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=150, max_name_column_width=110)
     (Path(args.out) / name).write_text(table)
     print(table[:6000], flush=True)
 
