@@ -35,8 +35,7 @@ from models.parallel.fp8_grouped_mm import fp8_blockwise_mm, fp8_grouped_mm, fp8
 from models.parallel.fp8_quant import (
     BLOCK,
     GRANULARITIES,
-    quantize_act,
-    quantize_act_t,
+    quantize_act_dual,
     quantize_weight,
     quantize_weight_t,
 )
@@ -271,14 +270,12 @@ class _BlockwiseLinear(torch.autograd.Function):
         offsets = torch.full((1,), x_MK.shape[0], dtype=torch.int32, device=x.device)  # one group: every row
         w = weight.unsqueeze(0)  # (1, N, K)
         wq = quantize_weight(w, "blockwise")
-        xq = quantize_act(x_MK, "blockwise")
+        xq, xq_t = quantize_act_dual(x_MK)
         if use_cublas_blockwise(x_MK, x_MK.shape[1]):
             y = fp8_blockwise_mm(*xq, wq[0][0], wq[1][0], dtype)
         else:
             y = fp8_grouped_mm(*xq, *wq, offsets, "blockwise", dtype)
-        ctx.save_for_backward(
-            offsets, *quantize_act_t(x_MK, "blockwise", offsets), *quantize_weight_t(w, "blockwise", quantized=wq)
-        )
+        ctx.save_for_backward(offsets, *xq_t, *quantize_weight_t(w, "blockwise", quantized=wq))
         ctx.rows, ctx.weight_dtype = x.reshape(-1, x.shape[-1]).shape[0], weight.dtype
         return y[: ctx.rows].reshape(*x.shape[:-1], -1)
 
@@ -287,7 +284,7 @@ class _BlockwiseLinear(torch.autograd.Function):
         offsets, xq_t, sx_t, wq_t, sw_t = ctx.saved_tensors
         dy_MN = _pad_rows(dy.reshape(-1, dy.shape[-1]))
         g = "blockwise"
-        dyq, dyq_t = quantize_act(dy_MN, g), quantize_act_t(dy_MN, g, offsets)
+        dyq, dyq_t = quantize_act_dual(dy_MN)
         if use_cublas_blockwise(dy_MN, dy_MN.shape[1]):
             dx = fp8_blockwise_mm(*dyq, wq_t[0], sw_t[0], dy.dtype)[: ctx.rows]
         else:

@@ -37,6 +37,7 @@ from models.parallel.fp8_quant import (
     E4M3,
     E5M2,
     quantize_act,
+    quantize_act_dual,
     quantize_act_t,
     quantize_weight,
     quantize_weight_t,
@@ -48,18 +49,19 @@ class _Float8SwiGLU(torch.autograd.Function):
     def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, offsets_E, granularity):  # noqa: ANN001, ANN205
         dtype = x_ND.dtype
         w13_E2FD = torch.cat((w1_EFD, w3_EFD), dim=1)
-        xq, sx = quantize_act(x_ND, granularity)
+        # x and h quantised for their GEMM here and transposed for the weight gradients (FP8 copies for the backward)
+        (xq, sx), x_t = _quantize_both(x_ND, granularity, offsets_E)
         w13q, sw13 = quantize_weight(w13_E2FD, granularity)
         a13_N2F = fp8_grouped_mm(xq, sx, w13q, sw13, offsets_E, granularity, dtype, fast_accum=True)
         a1_NF, a3_NF = a13_N2F.chunk(2, dim=-1)
         h_NF = F.silu(a1_NF) * a3_NF
-        hq, sh = quantize_act(h_NF, granularity)
+        (hq, sh), h_t = _quantize_both(h_NF, granularity, offsets_E)
         w2q, sw2 = quantize_weight(w2_EDF, granularity)
         y_ND = fp8_grouped_mm(hq, sh, w2q, sw2, offsets_E, granularity, dtype, fast_accum=True)
         # FP8 copies for the backward: x^T and h^T for the weight gradients, w^T for the input gradients.
         saved = (
-            *quantize_act_t(x_ND, granularity, offsets_E),
-            *quantize_act_t(h_NF, granularity, offsets_E),
+            *x_t,
+            *h_t,
             *quantize_weight_t(w13_E2FD, granularity, quantized=(w13q, sw13)),
             *quantize_weight_t(w2_EDF, granularity, quantized=(w2q, sw2)),
         )
@@ -71,26 +73,33 @@ class _Float8SwiGLU(torch.autograd.Function):
     def backward(ctx, dy_ND):  # noqa: ANN001, ANN205
         a13_N2F, offsets_E, xq_t, sx_t, hq_t, sh_t, w13q_t, sw13_t, w2q_t, sw2_t = ctx.saved_tensors
         g, dtype, wdtype = ctx.granularity, a13_N2F.dtype, ctx.weight_dtype
-        grad_fp8 = E5M2 if g == "tensorwise" else E4M3
-        dy_ND = dy_ND.to(dtype)
-        dh_NF = _input_gradient(dy_ND, w2q_t, sw2_t, offsets_E, g)
-        dw2_EDF = fp8_grouped_mm_wgrad(*quantize_act_t(dy_ND, g, offsets_E, grad_fp8), hq_t, sh_t, offsets_E, g, wdtype)
-        da13_N2F = _swiglu_backward(a13_N2F, dh_NF)
-        dx_ND = _input_gradient(da13_N2F, w13q_t, sw13_t, offsets_E, g)
-        dw13 = fp8_grouped_mm_wgrad(*quantize_act_t(da13_N2F, g, offsets_E, grad_fp8), xq_t, sx_t, offsets_E, g, wdtype)
+        dy, dy_t = _quantize_both(dy_ND.to(dtype), g, offsets_E, gradient=True)
+        dh_NF = _input_gradient(*dy, w2q_t, sw2_t, offsets_E, g, dtype)
+        dw2_EDF = fp8_grouped_mm_wgrad(*dy_t, hq_t, sh_t, offsets_E, g, wdtype)
+        da13, da13_t = _quantize_both(_swiglu_backward(a13_N2F, dh_NF), g, offsets_E, gradient=True)
+        dx_ND = _input_gradient(*da13, w13q_t, sw13_t, offsets_E, g, dtype)
+        dw13 = fp8_grouped_mm_wgrad(*da13_t, xq_t, sx_t, offsets_E, g, wdtype)
         dw1_EFD, dw3_EFD = dw13.chunk(2, dim=1)
         return dx_ND, dw1_EFD, dw2_EDF, dw3_EFD, None, None
 
 
-def _input_gradient(
-    dout_NO: torch.Tensor, wq_t_EIO: torch.Tensor, sw_t: torch.Tensor, offsets_E: torch.Tensor, granularity: str
-) -> torch.Tensor:
-    """dout @ w per expert (w^T's FP8 copy given as (E, I, O)): the gradient quantised in E4M3 with the recipe's
-    scales; under tensorwise per row (see the module docstring), the weight's scale per expert spread over its rows."""
-    if granularity == "tensorwise":
-        granularity, sw_t = "rowwise", sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
-    dq, sd = quantize_act(dout_NO, granularity, E4M3)
-    return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, granularity, dout_NO.dtype)
+def _quantize_both(t_NK: torch.Tensor, granularity: str, offsets_E: torch.Tensor, gradient: bool = False) -> tuple:
+    """t's two FP8 forms: ``(q, s)`` for the GEMM over its columns and ``(q_t, s_t)``, transposed, for the weight
+    gradient over its rows. Blockwise: both from one read of t (``quantize_act_dual``). A tensorwise gradient: per
+    row in E4M3 for the input gradient, one E5M2 scale for the weight gradient (see the module docstring)."""
+    if granularity == "blockwise":
+        return quantize_act_dual(t_NK)
+    tensorwise_gradient = gradient and granularity == "tensorwise"
+    q = quantize_act(t_NK, "rowwise" if tensorwise_gradient else granularity, E4M3)
+    return q, quantize_act_t(t_NK, granularity, offsets_E, E5M2 if tensorwise_gradient else E4M3)
+
+
+def _input_gradient(dq, sd, wq_t_EIO, sw_t, offsets_E, g: str, out_dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+    """dout @ w per expert, from dout's FP8 form (``_quantize_both``) and w^T's FP8 copy (E, I, O); under
+    tensorwise the gradient is per row, so the weight's scale per expert is spread over its rows."""
+    if g == "tensorwise":
+        g, sw_t = "rowwise", sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
+    return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, g, out_dtype)
 
 
 def _swiglu_backward(a13_N2F: torch.Tensor, dh_NF: torch.Tensor) -> torch.Tensor:

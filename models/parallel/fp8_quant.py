@@ -19,6 +19,8 @@ Shapes: M rows (tokens), K the contraction dimension, N output features, E exper
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Triton exists where CUDA does
@@ -125,6 +127,52 @@ def quantize_act_t(x_MK: torch.Tensor, granularity: str, offsets_E: torch.Tensor
     return q.t().contiguous(), inv_s_EK.reciprocal()
 
 
+def quantize_act_dual(x_MK: torch.Tensor, dtype: torch.dtype = E4M3):
+    """Both blockwise FP8 forms of an (M, K) activation from one read of it: ``(q_MK, s)`` in 1x128 tiles along K
+    (``quantize_act(x, "blockwise")``: the GEMM over K) and ``(q_KM, s_t)`` in 1x128 tiles along M, transposed
+    (``quantize_act_t(x, "blockwise", ...)``: the weight gradient over M). M and K multiples of 128.
+
+    Hopper's FP8 tensor cores read both operands contiguous along the sum, so the weight gradient needs x^T in
+    memory; on the GPU one Triton kernel quantises each 128x128 tile of x both ways and writes the transposed copy
+    through shared memory (what TransformerEngine calls cast-transpose). Inductor, given the two quantisations as
+    PyTorch, writes the transposed copy from registers (a strided store per element) in kernels of their own.
+    """
+    q, s, q_t, s_t = fp8_quantize_dual(x_MK, dtype)
+    return (q, s), (q_t, s_t)
+
+
+@torch.library.custom_op("dsv3::fp8_quantize_dual", mutates_args=())
+def fp8_quantize_dual(
+    x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_act_dual`` as one op: q (M, K), s (M, K/128), q_t (K, M), s_t (K, M/128); the same bytes as
+    ``quantize(x, (1, 128))`` and ``quantize(x.t(), (1, 128))`` (the CPU path, and the kernel's reference)."""
+    if x.is_cuda and triton is not None:
+        return _launch_dual(x, dtype)
+    q, s = quantize(x, (1, BLOCK), dtype)
+    q_t, s_t = quantize(x.t(), (1, BLOCK), dtype)
+    return q, s, q_t, s_t
+
+
+@fp8_quantize_dual.register_fake
+def _(x, dtype):  # noqa: ANN001, ANN202
+    m, k = x.shape
+    scale = functools.partial(x.new_empty, dtype=torch.float32)
+    return x.new_empty(m, k, dtype=dtype), scale(m, k // BLOCK), x.new_empty(k, m, dtype=dtype), scale(k, m // BLOCK)
+
+
+def _launch_dual(x: torch.Tensor, dtype: torch.dtype):  # noqa: ANN202
+    m, k = x.shape
+    if m % BLOCK or k % BLOCK:
+        raise ValueError(f"shape {tuple(x.shape)} is not a multiple of the block ({BLOCK}, {BLOCK})")
+    x = x.contiguous()
+    q, s = torch.empty(m, k, device=x.device, dtype=dtype), x.new_empty(m, k // BLOCK, dtype=torch.float32)
+    q_t, s_t = torch.empty(k, m, device=x.device, dtype=dtype), x.new_empty(k, m // BLOCK, dtype=torch.float32)
+    grid = (m // BLOCK, k // BLOCK)
+    _quantize_dual_kernel[grid](x, q, s, q_t, s_t, m, k, torch.finfo(dtype).max, BLOCK=BLOCK, num_warps=8)
+    return q, s, q_t, s_t
+
+
 def quantize_weight_t(w_ENK: torch.Tensor, granularity: str, dtype: torch.dtype = E4M3, quantized=None):  # noqa: ANN001
     """w^T (E, K, N) for the GEMM that contracts over N (the input gradient): ``(q_EKN, s)``.
 
@@ -178,3 +226,24 @@ if triton is not None:
         tile = tl.load(x_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mask)
         y_ptrs = y_ptr + base + rk[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(y_ptrs, tl.trans(tile), mask=(rk[:, None] < K) & (rn[None, :] < N))
+
+    @triton.jit
+    def _quantize_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, FP8_MAX, BLOCK: tl.constexpr):
+        """One BLOCK x BLOCK tile of x (M, K): q and its 1x128 scales per row (s: (M, K/128)); q_t, x^T quantised per
+        column of the tile (1x128 along M), stored transposed (K, M), and its scales (s_t: (K, M/128)). Reciprocals
+        rounded to nearest, as PyTorch's: the same bytes as ``quantize``."""
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]).to(tl.float32)
+        ax = tl.abs(x)
+        one = tl.full((BLOCK,), 1.0, tl.float32)
+        # PyTorch's ``fp8_max / amax`` is ``amax.reciprocal() * fp8_max``: two roundings, done the same way here.
+        inv_r = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=1), 1e-12)) * FP8_MAX
+        inv_c = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=0), 1e-12)) * FP8_MAX
+        q = tl.clamp(x * inv_r[:, None], -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
+        tl.store(s_ptr + rm * (K // BLOCK) + pid_k, tl.math.div_rn(one, inv_r))
+        q_t = tl.clamp(x * inv_c[None, :], -FP8_MAX, FP8_MAX).to(qt_ptr.dtype.element_ty)
+        tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], tl.trans(q_t))
+        tl.store(st_ptr + rk * (M // BLOCK) + pid_m, tl.math.div_rn(one, inv_c))

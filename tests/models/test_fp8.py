@@ -31,8 +31,10 @@ from models.parallel.fp8_quant import (
     E5M2,
     GRANULARITIES,
     dequantize,
+    fp8_quantize_dual,
     quantize,
     quantize_act,
+    quantize_act_dual,
     quantize_act_t,
     quantize_weight,
     quantize_weight_t,
@@ -566,6 +568,68 @@ def test_triton_kernels_match_reference_in_the_interpreter(granularity):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _dual_operand(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """bf16 x whose blockwise quantisations are exact both ways: each 128x128 tile is random FP8 values times a power
+    of two, with fp8_max on the tile's diagonal (so every row's and column's amax is fp8_max times the tile's power
+    of two); one tile all zeros. The interpreter's float32 -> FP8 cast does not round to nearest even, so exact
+    inputs test the kernel's indexing, scales and transposed stores there; the GPU test checks the rounding."""
+    g = torch.Generator().manual_seed(0)
+    fp8_max = torch.finfo(dtype).max
+    codes = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g).view(dtype).float()
+    codes = torch.where(codes.isfinite(), codes, 0.0).clamp(-fp8_max, fp8_max)
+    codes[(torch.arange(m)[:, None] % BLOCK) == (torch.arange(k)[None, :] % BLOCK)] = fp8_max
+    powers = torch.exp2(torch.randint(-20, 20, (m // BLOCK, k // BLOCK), generator=g).float())
+    x = codes * powers.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    x[:BLOCK, :BLOCK] = 0
+    return x.to(torch.bfloat16)
+
+
+def _check_dual_kernel() -> None:
+    from models.parallel import fp8_quant as Q
+
+    for m, k, dtype in [(256, 384, E4M3), (384, 128, E5M2)]:
+        x = _dual_operand(m, k, dtype)
+        for out, ref in zip(Q._launch_dual(x, dtype), fp8_quantize_dual(x, dtype), strict=True):
+            assert out.shape == ref.shape and out.dtype == ref.dtype and torch.equal(out.float(), ref.float())
+
+
+def test_quantize_act_dual_is_both_blockwise_quantisations_and_compiles_whole():
+    """``quantize_act_dual`` gives ``quantize_act(x, "blockwise")`` and ``quantize_act_t(x, "blockwise")``; as an op
+    its fake (meta) implementation agrees with the real one, and dynamo traces it without a graph break."""
+    x = torch.randn(256, 384, dtype=torch.bfloat16)
+    offsets = torch.tensor([256], dtype=torch.int32)
+    (q, s), (q_t, s_t) = quantize_act_dual(x)
+    refs = (*quantize_act(x, "blockwise"), *quantize_act_t(x, "blockwise", offsets))
+    for out, ref in zip((q, s, q_t, s_t), refs, strict=True):
+        assert torch.equal(out.float(), ref.float())
+    torch.library.opcheck(fp8_quantize_dual, (x, E4M3))
+    compiled = torch.compile(lambda t: quantize_act_dual(t * 2), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x)[1][0].float(), quantize_act_t(x * 2, "blockwise", offsets)[0].float())
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (CPU interpreter)")
+@pytest.mark.skipif(not _INTERPRETER_NUMPY, reason="Triton 3.6's interpreter needs numpy < 2.4")
+def test_quantize_dual_kernel_matches_reference_in_the_interpreter():
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from tests.models.test_fp8 import _check_dual_kernel as c; c()"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k", [(256, 384), (1024, 2816)])
+def test_quantize_dual_kernel_matches_reference_on_gpu(m, k):
+    """The Triton kernel against the PyTorch quantisation on the same GPU, bit for bit (random data: rounding too)."""
+    from models.parallel import fp8_quant as Q
+
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-4, 4, k, device="cuda")).to(torch.bfloat16)
+    x[:BLOCK, :BLOCK] = 0
+    for dtype in (E4M3, E5M2):
+        ref = (*quantize(x, (1, BLOCK), dtype), *quantize(x.t(), (1, BLOCK), dtype))
+        for out, r in zip(Q._launch_dual(x, dtype), ref, strict=True):
+            assert out.shape == r.shape and torch.equal(out.float(), r.float()), (m, k, dtype)
 
 
 def _compile_for_hopper(kernel: str, scaling: int, tile: tuple):
