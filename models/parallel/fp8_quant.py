@@ -166,10 +166,10 @@ def _launch_dual(x: torch.Tensor, dtype: torch.dtype):  # noqa: ANN202
     if m % BLOCK or k % BLOCK:
         raise ValueError(f"shape {tuple(x.shape)} is not a multiple of the block ({BLOCK}, {BLOCK})")
     x = x.contiguous()
-    q, s = torch.empty(m, k, device=x.device, dtype=dtype), x.new_empty(m, k // BLOCK, dtype=torch.float32)
-    q_t, s_t = torch.empty(k, m, device=x.device, dtype=dtype), x.new_empty(k, m // BLOCK, dtype=torch.float32)
+    q, s = x.new_empty(m, k, dtype=dtype), x.new_empty(m, k // BLOCK, dtype=torch.float32)
+    q_t, s_t = x.new_empty(k, m, dtype=dtype), x.new_empty(k, m // BLOCK, dtype=torch.float32)
     grid = (m // BLOCK, k // BLOCK)
-    _quantize_dual_kernel[grid](x, q, s, q_t, s_t, m, k, torch.finfo(dtype).max, BLOCK=BLOCK, num_warps=8)
+    _quantize_dual_kernel[grid](x, q, s, q_t, s_t, m, k, torch.finfo(dtype).max, EPS=_EPS, BLOCK=BLOCK, num_warps=8)
     return q, s, q_t, s_t
 
 
@@ -228,7 +228,9 @@ if triton is not None:
         tl.store(y_ptrs, tl.trans(tile), mask=(rk[:, None] < K) & (rn[None, :] < N))
 
     @triton.jit
-    def _quantize_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, FP8_MAX, BLOCK: tl.constexpr):
+    def _quantize_dual_kernel(
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, FP8_MAX, EPS: tl.constexpr, BLOCK: tl.constexpr
+    ):
         """One BLOCK x BLOCK tile of x (M, K): q and its 1x128 scales per row (s: (M, K/128)); q_t, x^T quantised per
         column of the tile (1x128 along M), stored transposed (K, M), and its scales (s_t: (K, M/128)). Reciprocals
         rounded to nearest, as PyTorch's: the same bytes as ``quantize``."""
@@ -239,8 +241,8 @@ if triton is not None:
         ax = tl.abs(x)
         one = tl.full((BLOCK,), 1.0, tl.float32)
         # PyTorch's ``fp8_max / amax`` is ``amax.reciprocal() * fp8_max``: two roundings, done the same way here.
-        inv_r = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=1), 1e-12)) * FP8_MAX
-        inv_c = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=0), 1e-12)) * FP8_MAX
+        inv_r = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=1), EPS)) * FP8_MAX
+        inv_c = tl.math.div_rn(one, tl.maximum(tl.max(ax, axis=0), EPS)) * FP8_MAX
         q = tl.clamp(x * inv_r[:, None], -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
         tl.store(s_ptr + rm * (K // BLOCK) + pid_k, tl.math.div_rn(one, inv_r))
