@@ -1,10 +1,11 @@
 """Which FP8 GEMMs the compiled FP8 MoE layer's graphs hold, with ``_scatter_rows`` in place (as before d032222) and
 out of place (the fix): the custom-op counts of the forward and backward graphs AOTAutograd hands the compiler.
 
-The layer runs 6 FP8 GEMMs (2 forward; backward: 2 input gradients ``fp8_grouped_mm``, 2 weight gradients
-``fp8_grouped_mm_wgrad``). Under torch 2.11, the in-place version's backward graph holds one input-gradient GEMM: the
-gradient routed to the wrong slot (pytorch/pytorch#180642) left ``dx = da13 @ w13`` unused, and it was dropped. So the
-FP8-expert speeds measured before the fix timed 5 of the 6 GEMMs. CPU, seconds:
+The layer runs 6 FP8 GEMMs (2 forward; backward: 2 input gradients ``fp8_grouped_mm``, 2 weight gradients, the
+second, of [w1; w3], as two ``fp8_grouped_mm_wgrad`` calls since 2026-12-06: 3 calls). Under torch 2.11, the in-place
+version's backward graph holds one input-gradient GEMM: the gradient routed to the wrong slot (pytorch/pytorch#180642)
+left ``dx = da13 @ w13`` unused, and it was dropped. So the FP8-expert speeds measured before the fix timed 5 of the
+6 GEMMs. CPU, seconds:
 
     python benchmarks/fp8_backward_graph.py
 """

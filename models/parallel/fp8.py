@@ -36,8 +36,7 @@ from models.parallel.fp8_quant import (
     BLOCK,
     GRANULARITIES,
     quantize_act_dual,
-    quantize_weight,
-    quantize_weight_t,
+    quantize_weight_dual,
 )
 
 FP8_RECIPES = GRANULARITIES
@@ -268,14 +267,13 @@ class _BlockwiseLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
         x_MK = _pad_rows(x.reshape(-1, x.shape[-1]))
         offsets = torch.full((1,), x_MK.shape[0], dtype=torch.int32, device=x.device)  # one group: every row
-        w = weight.unsqueeze(0)  # (1, N, K)
-        wq = quantize_weight(w, "blockwise")
+        wq, wq_t = quantize_weight_dual(weight.unsqueeze(0))  # (1, N, K) and (1, K, N): one read of w
         xq, xq_t = quantize_act_dual(x_MK)
         if use_cublas_blockwise(x_MK, x_MK.shape[1]):
             y = fp8_blockwise_mm(*xq, wq[0][0], wq[1][0], dtype)
         else:
             y = fp8_grouped_mm(*xq, *wq, offsets, "blockwise", dtype)
-        ctx.save_for_backward(offsets, *xq_t, *quantize_weight_t(w, "blockwise", quantized=wq))
+        ctx.save_for_backward(offsets, *xq_t, *wq_t)
         ctx.rows, ctx.weight_dtype = x.reshape(-1, x.shape[-1]).shape[0], weight.dtype
         return y[: ctx.rows].reshape(*x.shape[:-1], -1)
 

@@ -6,8 +6,10 @@
     dh = dy @ w2,  dw2 = dy^T h,  da13 = SwiGLU'(a13) dh,  dx = da13 @ [w1; w3],  dw13 = da13^T x   (backward, 4)
 
 with every GEMM operand quantised to FP8 (``models.parallel.fp8_quant``) and multiplied by
-``models.parallel.fp8_grouped_mm``. The quantisation is plain PyTorch, so inside a compiled block ``torch.compile``
-fuses it into the producers (the permutation, the SwiGLU and its gradient); the GEMMs are custom ops. The
+``models.parallel.fp8_grouped_mm``. Tensorwise and rowwise quantise in plain PyTorch, which ``torch.compile`` fuses
+into the producers (the permutation, the SwiGLU and its gradient) inside a compiled block; blockwise quantises each
+operand both ways in one cast-transpose kernel (``quantize_act_dual``), which computes the SwiGLU (for h) and its
+gradient (for da13) itself, so neither is written in the compute dtype. The GEMMs are custom ops. The
 backward keeps FP8 copies of its GEMM operands (x^T, h^T and the transposed weights) instead of their bf16
 originals, as the report caches activations in FP8 (section 3.3.3); the SwiGLU inputs a13 stay in the compute dtype.
 
@@ -39,8 +41,12 @@ from models.parallel.fp8_quant import (
     quantize_act,
     quantize_act_dual,
     quantize_act_t,
+    quantize_swiglu_dual,
+    quantize_swiglu_grad_dual,
     quantize_weight,
+    quantize_weight_dual,
     quantize_weight_t,
+    swiglu_backward,
 )
 
 
@@ -48,23 +54,19 @@ class _Float8SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w1_EFD, w2_EDF, w3_EFD, offsets_E, granularity):  # noqa: ANN001, ANN205
         dtype = x_ND.dtype
-        w13_E2FD = torch.cat((w1_EFD, w3_EFD), dim=1)
-        # x and h quantised for their GEMM here and transposed for the weight gradients (FP8 copies for the backward)
+        # x and h quantised for their GEMM here and transposed for the weight gradients (FP8 copies for the backward);
+        # the weights for the forward GEMMs and transposed for the input gradients.
         (xq, sx), x_t = _quantize_both(x_ND, granularity, offsets_E)
-        w13q, sw13 = quantize_weight(w13_E2FD, granularity)
+        (w13q, sw13), w13_t = _quantize_weight_both(w1_EFD, w3_EFD, granularity)
         a13_N2F = fp8_grouped_mm(xq, sx, w13q, sw13, offsets_E, granularity, dtype, fast_accum=True)
-        a1_NF, a3_NF = a13_N2F.chunk(2, dim=-1)
-        h_NF = F.silu(a1_NF) * a3_NF
-        (hq, sh), h_t = _quantize_both(h_NF, granularity, offsets_E)
-        w2q, sw2 = quantize_weight(w2_EDF, granularity)
+        if granularity == "blockwise":  # h = silu(a1) * a3 inside the quantising kernel, never written in bf16
+            (hq, sh), h_t = quantize_swiglu_dual(a13_N2F)
+        else:
+            a1_NF, a3_NF = a13_N2F.chunk(2, dim=-1)
+            (hq, sh), h_t = _quantize_both(F.silu(a1_NF) * a3_NF, granularity, offsets_E)
+        (w2q, sw2), w2_t = _quantize_weight_both(w2_EDF, None, granularity)
         y_ND = fp8_grouped_mm(hq, sh, w2q, sw2, offsets_E, granularity, dtype, fast_accum=True)
-        # FP8 copies for the backward: x^T and h^T for the weight gradients, w^T for the input gradients.
-        saved = (
-            *x_t,
-            *h_t,
-            *quantize_weight_t(w13_E2FD, granularity, quantized=(w13q, sw13)),
-            *quantize_weight_t(w2_EDF, granularity, quantized=(w2q, sw2)),
-        )
+        saved = (*x_t, *h_t, *w13_t, *w2_t)
         ctx.save_for_backward(a13_N2F, offsets_E, *saved)
         ctx.granularity, ctx.weight_dtype = granularity, w1_EFD.dtype
         return y_ND
@@ -76,10 +78,17 @@ class _Float8SwiGLU(torch.autograd.Function):
         dy, dy_t = _quantize_both(dy_ND.to(dtype), g, offsets_E, gradient=True)
         dh_NF = _input_gradient(*dy, w2q_t, sw2_t, offsets_E, g, dtype)
         dw2_EDF = fp8_grouped_mm_wgrad(*dy_t, hq_t, sh_t, offsets_E, g, wdtype)
-        da13, da13_t = _quantize_both(_swiglu_backward(a13_N2F, dh_NF), g, offsets_E, gradient=True)
+        if g == "blockwise":  # the SwiGLU gradient inside the quantising kernel
+            da13, da13_t = quantize_swiglu_grad_dual(a13_N2F, dh_NF)
+        else:
+            da13, da13_t = _quantize_both(swiglu_backward(a13_N2F, dh_NF), g, offsets_E, gradient=True)
         dx_ND = _input_gradient(*da13, w13q_t, sw13_t, offsets_E, g, dtype)
-        dw13 = fp8_grouped_mm_wgrad(*da13_t, xq_t, sx_t, offsets_E, g, wdtype)
-        dw1_EFD, dw3_EFD = dw13.chunk(2, dim=1)
+        # dw1 and dw3 from da1^T and da3^T, each GEMM writing its own contiguous gradient: the halves of one dw13
+        # are strided views, which autograd copies into contiguous .grad tensors (two strided copies of an expert
+        # weight per layer, 0.46 ms each at bench-1gpu on an H100).
+        dw1_EFD, dw3_EFD = (
+            fp8_grouped_mm_wgrad(q_t, s_t, xq_t, sx_t, offsets_E, g, wdtype) for q_t, s_t in _halves_t(*da13_t, g)
+        )
         return dx_ND, dw1_EFD, dw2_EDF, dw3_EFD, None, None
 
 
@@ -94,22 +103,33 @@ def _quantize_both(t_NK: torch.Tensor, granularity: str, offsets_E: torch.Tensor
     return q, quantize_act_t(t_NK, granularity, offsets_E, E5M2 if tensorwise_gradient else E4M3)
 
 
+def _quantize_weight_both(w_ENK: torch.Tensor, w2_ENK: torch.Tensor | None, granularity: str) -> tuple:
+    """w's two FP8 forms (w = cat(w, w2) along N when w2 is given): ``(q, s)`` for the forward GEMM and
+    ``(q_t, s_t)``, transposed, for the input gradient. Blockwise: both from one read (``quantize_weight_dual``)."""
+    if granularity == "blockwise":
+        return quantize_weight_dual(w_ENK, w2_ENK)
+    w = w_ENK if w2_ENK is None else torch.cat((w_ENK, w2_ENK), dim=1)
+    q = quantize_weight(w, granularity)
+    return q, quantize_weight_t(w, granularity, quantized=q)
+
+
+def _halves_t(q_t: torch.Tensor, s_t: torch.Tensor, granularity: str) -> tuple:
+    """The FP8 transposed forms of the two halves [t1, t2] of t (N, 2F) from t's: (q_t, s_t) of t1 and of t2. q_t
+    is (2F, N), so each half is a contiguous block of rows; so are the scales of each (tensorwise: one for both)."""
+    f = q_t.shape[0] // 2
+    if granularity == "tensorwise":
+        return (q_t[:f], s_t), (q_t[f:], s_t)
+    if granularity == "rowwise":  # (E, 2F): per expert and column of t
+        return (q_t[:f], s_t[:, :f].contiguous()), (q_t[f:], s_t[:, f:].contiguous())
+    return (q_t[:f], s_t[:f]), (q_t[f:], s_t[f:])  # blockwise: (2F, N/128)
+
+
 def _input_gradient(dq, sd, wq_t_EIO, sw_t, offsets_E, g: str, out_dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
     """dout @ w per expert, from dout's FP8 form (``_quantize_both``) and w^T's FP8 copy (E, I, O); under
     tensorwise the gradient is per row, so the weight's scale per expert is spread over its rows."""
     if g == "tensorwise":
         g, sw_t = "rowwise", sw_t[:, None].expand(-1, wq_t_EIO.shape[1])
     return fp8_grouped_mm(dq, sd, wq_t_EIO, sw_t, offsets_E, g, out_dtype)
-
-
-def _swiglu_backward(a13_N2F: torch.Tensor, dh_NF: torch.Tensor) -> torch.Tensor:
-    """d(silu(a1) * a3) for dh, as (N, 2F) [da1, da3], computed in float32."""
-    a1, a3 = (a.float() for a in a13_N2F.chunk(2, dim=-1))
-    dh = dh_NF.float()
-    sig = torch.sigmoid(a1)
-    da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
-    da3 = dh * a1 * sig
-    return torch.cat((da1, da3), dim=-1).to(a13_N2F.dtype)
 
 
 class Float8GroupedExperts(GroupedExperts):

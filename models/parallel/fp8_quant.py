@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton exists where CUDA does
     import triton
@@ -154,22 +155,152 @@ def fp8_quantize_dual(
     return q, s, q_t, s_t
 
 
+def _fake_dual(like: torch.Tensor, m: int, k: int, dtype: torch.dtype) -> tuple:
+    """The four outputs' shapes, for (M, K) quantised both ways."""
+    scale = functools.partial(like.new_empty, dtype=torch.float32)
+    return (
+        like.new_empty(m, k, dtype=dtype),
+        scale(m, k // BLOCK),
+        like.new_empty(k, m, dtype=dtype),
+        scale(k, m // BLOCK),
+    )
+
+
 @fp8_quantize_dual.register_fake
 def _(x, dtype):  # noqa: ANN001, ANN202
-    m, k = x.shape
-    scale = functools.partial(x.new_empty, dtype=torch.float32)
-    return x.new_empty(m, k, dtype=dtype), scale(m, k // BLOCK), x.new_empty(k, m, dtype=dtype), scale(k, m // BLOCK)
+    return _fake_dual(x, *x.shape, dtype)
 
 
-def _launch_dual(x: torch.Tensor, dtype: torch.dtype):  # noqa: ANN202
-    m, k = x.shape
-    if m % BLOCK or k % BLOCK:
-        raise ValueError(f"shape {tuple(x.shape)} is not a multiple of the block ({BLOCK}, {BLOCK})")
+def _launch_dual(x: torch.Tensor, dtype: torch.dtype, prologue: int = 0, dh: torch.Tensor | None = None):  # noqa: ANN202
+    """The kernel on x (prologue 0), on the SwiGLU of a13 = x (1) or on its gradient for dh (2); q is (M, K) with
+    K = x's width, its half (1) or its width (2)."""
+    m, k = x.shape[0], x.shape[1] // 2 if prologue == 1 else x.shape[1]
+    if m % BLOCK or k % BLOCK or (prologue == 2 and k % (2 * BLOCK)):
+        raise ValueError(f"shape {tuple(x.shape)} is not a multiple of the block ({BLOCK}, {BLOCK}) (halves too)")
     x = x.contiguous()
+    dh = x if dh is None else dh.contiguous()
     q, s = x.new_empty(m, k, dtype=dtype), x.new_empty(m, k // BLOCK, dtype=torch.float32)
     q_t, s_t = x.new_empty(k, m, dtype=dtype), x.new_empty(k, m // BLOCK, dtype=torch.float32)
     grid = (m // BLOCK, k // BLOCK)
-    _quantize_dual_kernel[grid](x, q, s, q_t, s_t, m, k, torch.finfo(dtype).max, EPS=_EPS, BLOCK=BLOCK, num_warps=8)
+    _quantize_dual_kernel[grid](
+        x, dh, q, s, q_t, s_t, m, k, x.shape[1], torch.finfo(dtype).max,
+        PROLOGUE=prologue, EPS=_EPS, BLOCK=BLOCK, num_warps=8,
+    )  # fmt: skip
+    return q, s, q_t, s_t
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def swiglu(a13_N2F: torch.Tensor) -> torch.Tensor:
+    """silu(a1) * a3 of a13 = [a1, a3] (N, 2F), computed in float32 (or float64) and rounded once to a13's dtype."""
+    a1, a3 = (_at_least_fp32(a) for a in a13_N2F.chunk(2, dim=-1))
+    return (F.silu(a1) * a3).to(a13_N2F.dtype)
+
+
+def swiglu_backward(a13_N2F: torch.Tensor, dh_NF: torch.Tensor) -> torch.Tensor:
+    """d(silu(a1) * a3) for dh, as (N, 2F) [da1, da3], computed in float32 (or float64), rounded once to a13's dtype."""
+    a1, a3 = (_at_least_fp32(a) for a in a13_N2F.chunk(2, dim=-1))
+    dh = _at_least_fp32(dh_NF)
+    sig = torch.sigmoid(a1)
+    da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
+    da3 = dh * a1 * sig
+    return torch.cat((da1, da3), dim=-1).to(a13_N2F.dtype)
+
+
+def quantize_swiglu_dual(a13_N2F: torch.Tensor, dtype: torch.dtype = E4M3):
+    """``quantize_act_dual(swiglu(a13))`` with the SwiGLU inside the kernel on the GPU: h = silu(a1) * a3 is never
+    written in the compute dtype (it is the FP8 experts' second GEMM operand, and the backward keeps only its FP8
+    copy). Same rounding as ``swiglu`` (float32, rounded once to a13's dtype); ``torch.sigmoid`` and Triton's may
+    differ in the last bit, so the GPU kernel's h can differ from ``swiglu``'s by one step of a13's dtype."""
+    q, s, q_t, s_t = fp8_quantize_swiglu_dual(a13_N2F, dtype)
+    return (q, s), (q_t, s_t)
+
+
+def quantize_swiglu_grad_dual(a13_N2F: torch.Tensor, dh_NF: torch.Tensor, dtype: torch.dtype = E4M3):
+    """``quantize_act_dual(swiglu_backward(a13, dh))``, the SwiGLU gradient computed inside the kernel on the GPU
+    (da13 is never written in the compute dtype). F a multiple of 128."""
+    q, s, q_t, s_t = fp8_quantize_swiglu_grad_dual(a13_N2F, dh_NF, dtype)
+    return (q, s), (q_t, s_t)
+
+
+@torch.library.custom_op("dsv3::fp8_quantize_swiglu_dual", mutates_args=())
+def fp8_quantize_swiglu_dual(
+    a13: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_swiglu_dual`` as one op: the four tensors of ``fp8_quantize_dual(swiglu(a13))``."""
+    if a13.is_cuda and triton is not None:
+        return _launch_dual(a13, dtype, prologue=1)
+    return fp8_quantize_dual(swiglu(a13), dtype)
+
+
+@fp8_quantize_swiglu_dual.register_fake
+def _(a13, dtype):  # noqa: ANN001, ANN202
+    return _fake_dual(a13, a13.shape[0], a13.shape[1] // 2, dtype)
+
+
+@torch.library.custom_op("dsv3::fp8_quantize_swiglu_grad_dual", mutates_args=())
+def fp8_quantize_swiglu_grad_dual(
+    a13: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_swiglu_grad_dual`` as one op: the four tensors of ``fp8_quantize_dual(swiglu_backward(a13, dh))``."""
+    if a13.is_cuda and triton is not None:
+        return _launch_dual(a13, dtype, prologue=2, dh=dh)
+    return fp8_quantize_dual(swiglu_backward(a13, dh), dtype)
+
+
+@fp8_quantize_swiglu_grad_dual.register_fake
+def _(a13, dh, dtype):  # noqa: ANN001, ANN202
+    return _fake_dual(a13, a13.shape[0], a13.shape[1], dtype)
+
+
+def quantize_weight_dual(w_ENK: torch.Tensor, w2_ENK: torch.Tensor | None = None, dtype: torch.dtype = E4M3):
+    """Blockwise stacked weights (E, N, K) and their transposes from one read: ``(q_ENK, s)`` of
+    ``quantize_weight(w, "blockwise")`` and ``(q_EKN, s_t)`` of ``quantize_weight_t(w, "blockwise")`` (a 128x128
+    block and its transpose share a scale). With ``w2_ENK`` (E, N2, K): the same for ``torch.cat((w, w2), 1)``,
+    without the concatenated copy (the experts' [w1; w3]). On the GPU one Triton kernel per weight, the transposed
+    copy written through shared memory; elsewhere (and as its reference) the two PyTorch functions."""
+    q, s, q_t, s_t = fp8_quantize_weight_dual(w_ENK, w2_ENK, dtype)
+    return (q, s), (q_t, s_t)
+
+
+@torch.library.custom_op("dsv3::fp8_quantize_weight_dual", mutates_args=())
+def fp8_quantize_weight_dual(
+    w: torch.Tensor, w2: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_weight_dual`` as one op: q (E, N, K), s (E, N/128, K/128), q_t (E, K, N), s_t (E, K/128, N/128)."""
+    if w.is_cuda and triton is not None:
+        return _launch_weight_dual(w, w2, dtype)
+    w = w if w2 is None else torch.cat((w, w2), dim=1)
+    q, s = quantize_weight(w, "blockwise", dtype)
+    # quantize_weight_t's bytes; s^T copied even where it is s's layout (an op's outputs may not alias each other)
+    return q, s, fp8_transpose(q), s.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+
+
+@fp8_quantize_weight_dual.register_fake
+def _(w, w2, dtype):  # noqa: ANN001, ANN202
+    e, n, k = w.shape[0], w.shape[1] + (0 if w2 is None else w2.shape[1]), w.shape[2]
+    scale = functools.partial(w.new_empty, dtype=torch.float32)
+    q, q_t = w.new_empty(e, n, k, dtype=dtype), w.new_empty(e, k, n, dtype=dtype)
+    return q, scale(e, n // BLOCK, k // BLOCK), q_t, scale(e, k // BLOCK, n // BLOCK)
+
+
+def _launch_weight_dual(w: torch.Tensor, w2: torch.Tensor | None, dtype: torch.dtype):  # noqa: ANN202
+    e, n_a, k = w.shape
+    n = n_a + (0 if w2 is None else w2.shape[1])
+    if n_a % BLOCK or n % BLOCK or k % BLOCK:
+        raise ValueError(f"weight shapes {tuple(w.shape)} (+ {n - n_a} rows) are not multiples of ({BLOCK}, {BLOCK})")
+    w = w.contiguous()
+    w2 = w if w2 is None else w2.to(w.dtype).contiguous()
+    q, q_t = w.new_empty(e, n, k, dtype=dtype), w.new_empty(e, k, n, dtype=dtype)
+    s = w.new_empty(e, n // BLOCK, k // BLOCK, dtype=torch.float32)
+    s_t = w.new_empty(e, k // BLOCK, n // BLOCK, dtype=torch.float32)
+    grid = (n // BLOCK, k // BLOCK, e)
+    _quantize_weight_dual_kernel[grid](
+        w, w2, q, s, q_t, s_t, n_a, n, k, torch.finfo(dtype).max,
+        LOAD_T=w.dtype == torch.float32, EPS=_EPS, BLOCK=BLOCK, num_warps=8,
+    )  # fmt: skip
     return q, s, q_t, s_t
 
 
@@ -229,15 +360,36 @@ if triton is not None:
 
     @triton.jit
     def _quantize_dual_kernel(
-        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, FP8_MAX, EPS: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        """One BLOCK x BLOCK tile of x (M, K): q and its 1x128 scales per row (s: (M, K/128)); q_t, x^T quantised per
+        x_ptr, dh_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, LDX, FP8_MAX,
+        PROLOGUE: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One BLOCK x BLOCK tile of t (M, K): q and its 1x128 scales per row (s: (M, K/128)); q_t, t^T quantised per
         column of the tile (1x128 along M), stored transposed (K, M), and its scales (s_t: (K, M/128)). Reciprocals
-        rounded to nearest, as PyTorch's: the same bytes as ``quantize``."""
+        rounded to nearest, as PyTorch's: the same bytes as ``quantize``. t is x (PROLOGUE 0, rows LDX apart),
+        ``swiglu(x)`` (1: x = a13 is (M, 2K)) or ``swiglu_backward(x, dh)`` (2: x = a13 is (M, K), dh (M, K/2)),
+        computed in float32 and rounded to x's dtype, as those functions do."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK + tl.arange(0, BLOCK)
         rk = pid_k * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]).to(tl.float32)
+        rows = rm[:, None].to(tl.int64) * LDX
+        if PROLOGUE == 0:
+            x = tl.load(x_ptr + rows + rk[None, :]).to(tl.float32)
+        elif PROLOGUE == 1:  # h = silu(a1) * a3, a1 = a13[:, :K], a3 = a13[:, K:]
+            a1 = tl.load(x_ptr + rows + rk[None, :]).to(tl.float32)
+            a3 = tl.load(x_ptr + rows + K + rk[None, :]).to(tl.float32)
+            x = (a1 * tl.sigmoid(a1) * a3).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:  # da13 = [da1, da3]: this tile is a column block of da1 (pid_k < K/2/BLOCK) or of da3
+            f = K // 2
+            col = (pid_k * BLOCK) % f + tl.arange(0, BLOCK)
+            a1 = tl.load(x_ptr + rows + col[None, :]).to(tl.float32)
+            dh = tl.load(dh_ptr + rm[:, None].to(tl.int64) * f + col[None, :]).to(tl.float32)
+            sig = tl.sigmoid(a1)
+            if pid_k * BLOCK < f:
+                a3 = tl.load(x_ptr + rows + f + col[None, :]).to(tl.float32)
+                x = dh * a3 * sig * (1 + a1 * (1 - sig))
+            else:
+                x = dh * a1 * sig
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
         ax = tl.abs(x)
         one = tl.full((BLOCK,), 1.0, tl.float32)
         # PyTorch's ``fp8_max / amax`` is ``amax.reciprocal() * fp8_max``: two roundings, done the same way here.
@@ -249,3 +401,38 @@ if triton is not None:
         q_t = tl.clamp(x * inv_c[None, :], -FP8_MAX, FP8_MAX).to(qt_ptr.dtype.element_ty)
         tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], tl.trans(q_t))
         tl.store(st_ptr + rk * (M // BLOCK) + pid_m, tl.math.div_rn(one, inv_c))
+
+    @triton.jit
+    def _quantize_weight_dual_kernel(
+        w_ptr, w2_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, NA, N, K, FP8_MAX,
+        LOAD_T: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One BLOCK x BLOCK block of expert e's weight (N, K), rows [0, NA) from w (E, NA, K) and the rest from w2
+        (E, N - NA, K): q, its transpose (E, K, N), and the block's scale in both layouts. The transposed copy goes
+        through shared memory (``tl.trans`` of q), or with ``LOAD_T`` is quantised from a second, transposed load of
+        the block (float32 weights: on an H100 with Triton 3.6, ``tl.trans`` of the FP8 tile quantised from a
+        float32 load stored wrong bytes)."""
+        pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        n0 = pid_n * BLOCK
+        rb = tl.arange(0, BLOCK)
+        rk = pid_k * BLOCK + rb
+        if n0 < NA:
+            base = w_ptr + e * NA * K + n0.to(tl.int64) * K
+        else:
+            base = w2_ptr + e * (N - NA) * K + (n0 - NA).to(tl.int64) * K
+        x = tl.load(base + rb[:, None] * K + rk[None, :]).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        one = tl.full((), 1.0, tl.float32)
+        inv = tl.math.div_rn(one, tl.maximum(amax, EPS)) * FP8_MAX  # as PyTorch: two roundings (see above)
+        q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
+        rn = n0 + rb
+        tl.store(q_ptr + e * N * K + rn[:, None].to(tl.int64) * K + rk[None, :], q)
+        qt_ptrs = qt_ptr + e * K * N + rk[:, None].to(tl.int64) * N + rn[None, :]
+        if LOAD_T:
+            x_t = tl.load(base + rb[None, :] * K + rk[:, None]).to(tl.float32)  # (K block, N block)
+            tl.store(qt_ptrs, tl.clamp(x_t * inv, -FP8_MAX, FP8_MAX).to(qt_ptr.dtype.element_ty))
+        else:
+            tl.store(qt_ptrs, tl.trans(q))
+        scale = tl.math.div_rn(one, inv)
+        tl.store(s_ptr + (e * (N // BLOCK) + pid_n) * (K // BLOCK) + pid_k, scale)
+        tl.store(st_ptr + (e * (K // BLOCK) + pid_k) * (N // BLOCK) + pid_n, scale)

@@ -32,12 +32,20 @@ from models.parallel.fp8_quant import (
     GRANULARITIES,
     dequantize,
     fp8_quantize_dual,
+    fp8_quantize_swiglu_dual,
+    fp8_quantize_swiglu_grad_dual,
+    fp8_quantize_weight_dual,
     quantize,
     quantize_act,
     quantize_act_dual,
     quantize_act_t,
+    quantize_swiglu_dual,
+    quantize_swiglu_grad_dual,
     quantize_weight,
+    quantize_weight_dual,
     quantize_weight_t,
+    swiglu,
+    swiglu_backward,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -351,14 +359,15 @@ def test_fp8_moe_traced_by_aot_autograd_matches_eager_on_the_cpu(fp8_config, one
 
 
 def test_compiled_fp8_moe_backward_graph_keeps_all_four_backward_gemms(one_thread):
-    """Both input-gradient and both weight-gradient GEMMs reach the compiled backward graph (under torch 2.11 the old
-    in-place padding lost ``dx = da13 @ w13`` there: benchmarks/fp8_backward_graph.py)."""
+    """Both input-gradient and all weight-gradient GEMMs (dw2, and dw1, dw3 as two, each its own contiguous gradient)
+    reach the compiled backward graph (under torch 2.11 the old in-place padding lost ``dx = da13 @ w13`` there:
+    benchmarks/fp8_backward_graph.py)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from fp8_backward_graph import graph_ops
 
     main = graph_ops()["out of place (main)"]
     assert main["fw"]["dsv3.fp8_grouped_mm.default"] == 2
-    assert main["bw"]["dsv3.fp8_grouped_mm.default"] == 2 and main["bw"]["dsv3.fp8_grouped_mm_wgrad.default"] == 2
+    assert main["bw"]["dsv3.fp8_grouped_mm.default"] == 2 and main["bw"]["dsv3.fp8_grouped_mm_wgrad.default"] == 3
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -630,6 +639,134 @@ def test_quantize_dual_kernel_matches_reference_on_gpu(m, k):
         ref = (*quantize(x, (1, BLOCK), dtype), *quantize(x.t(), (1, BLOCK), dtype))
         for out, r in zip(Q._launch_dual(x, dtype), ref, strict=True):
             assert out.shape == r.shape and torch.equal(out.float(), r.float()), (m, k, dtype)
+
+
+def test_weight_dual_is_the_blockwise_weight_and_its_transpose_also_for_a_pair_and_compiles_whole():
+    """``quantize_weight_dual(w)`` gives ``quantize_weight(w, "blockwise")`` and ``quantize_weight_t`` of it;
+    ``quantize_weight_dual(w1, w3)`` the same for ``cat((w1, w3), 1)``; fake and real agree; dynamo traces it."""
+    g = torch.Generator().manual_seed(0)
+    w1, w3 = (torch.randn(2, n, 384, generator=g).to(torch.bfloat16) for n in (256, 128))
+    for args, w in (((w1, None), w1), ((w1, w3), torch.cat((w1, w3), dim=1))):
+        (q, s), (q_t, s_t) = quantize_weight_dual(*args)
+        ref = quantize_weight(w, "blockwise")
+        refs = (*ref, *quantize_weight_t(w, "blockwise"))  # re-quantised from w^T: the same bytes
+        assert q_t.shape == (2, 384, w.shape[1]) and s_t.shape == (2, 3, w.shape[1] // BLOCK)
+        for out, r in zip((q, s, q_t, s_t), refs, strict=True):
+            assert out.shape == r.shape and out.is_contiguous() and torch.equal(out.float(), r.float())
+        torch.library.opcheck(fp8_quantize_weight_dual, (*args, E4M3))
+    compiled = torch.compile(lambda a, b: quantize_weight_dual(a * 2, b), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(w1, w3)[1][0].float(), quantize_weight_dual(w1 * 2, w3)[1][0].float())
+
+
+def _check_weight_dual_kernel() -> None:
+    """The weight kernel on exactly quantisable blocks (``_dual_operand``): bitwise the PyTorch quantisation, alone
+    and for a pair (rows of w then of w2), E4M3 and E5M2, bf16 and float32 weights (its transposed load)."""
+    from models.parallel import fp8_quant as Q
+
+    for dtype, src in itertools.product((E4M3, E5M2), (torch.bfloat16, torch.float32)):
+        w = _dual_operand(3 * 384, 256, dtype).reshape(3, 384, 256).to(src)
+        for args in ((w, None), (w[:, :256].contiguous(), w[:, 256:].contiguous())):
+            for out, ref in zip(
+                Q._launch_weight_dual(*args, dtype), fp8_quantize_weight_dual(*args, dtype), strict=True
+            ):
+                assert out.shape == ref.shape and torch.equal(out.float(), ref.float()), dtype
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (CPU interpreter)")
+@pytest.mark.skipif(not _INTERPRETER_NUMPY, reason="Triton 3.6's interpreter needs numpy < 2.4")
+def test_weight_dual_kernel_matches_reference_in_the_interpreter():
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from tests.models.test_fp8 import _check_weight_dual_kernel as c; c()"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+def test_weight_dual_kernel_matches_reference_on_gpu(src_dtype):
+    """Bitwise the PyTorch quantisation on the same GPU, random weights (rounding too), bf16 and fp32 masters."""
+    from models.parallel import fp8_quant as Q
+
+    w = (torch.randn(4, 640, 384, device="cuda") * torch.logspace(-3, 3, 384, device="cuda")).to(src_dtype)
+    w[0, :BLOCK, :BLOCK] = 0
+    for dtype in (E4M3, E5M2):
+        for args in ((w, None), (w[:, :256].contiguous(), w[:, 256:].contiguous())):
+            ref = fp8_quantize_weight_dual(*[a.cpu() if a is not None else None for a in args], dtype)
+            for out, r in zip(Q._launch_weight_dual(*args, dtype), ref, strict=True):
+                assert out.shape == r.shape and torch.equal(out.cpu().float(), r.float()), (src_dtype, dtype)
+
+
+def test_swiglu_quantisers_quantise_the_swiglu_and_its_autograd_gradient_and_compile_whole():
+    """The fused SwiGLU quantisers are ``quantize_act_dual`` of ``swiglu`` and of ``swiglu_backward``, which is
+    autograd's gradient of ``swiglu`` (float64); as ops their fake implementations agree and dynamo traces them."""
+    g = torch.Generator().manual_seed(0)
+    a13 = torch.randn(256, 512, dtype=torch.float64, generator=g, requires_grad=True)
+    dh = torch.randn(256, 256, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(swiglu(a13), a13, dh)[0], swiglu_backward(a13, dh))
+    a13, dh = a13.detach().to(torch.bfloat16), dh.to(torch.bfloat16)
+    for got, want in (
+        (quantize_swiglu_dual(a13), quantize_act_dual(swiglu(a13))),
+        (quantize_swiglu_grad_dual(a13, dh), quantize_act_dual(swiglu_backward(a13, dh))),
+    ):
+        for out, ref in zip((*got[0], *got[1]), (*want[0], *want[1]), strict=True):
+            assert out.shape == ref.shape and torch.equal(out.float(), ref.float())
+    torch.library.opcheck(fp8_quantize_swiglu_dual, (a13, E4M3))
+    torch.library.opcheck(fp8_quantize_swiglu_grad_dual, (a13, dh, E4M3))
+    compiled = torch.compile(lambda a, d: quantize_swiglu_grad_dual(a * 2, d), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(a13, dh)[1][0].float(), quantize_act_dual(swiglu_backward(a13 * 2, dh))[1][0].float())
+
+
+def _check_swiglu_kernels(device: str, exact_fraction: float | None) -> None:
+    """The kernel's SwiGLU prologues (forward h, backward da13) against the PyTorch quantisers on the same device.
+    Triton's and torch's sigmoid may differ in the last bit, which can move h or da13 by one bf16 step and so an FP8
+    code by one step: the scales (each 1x128 amax of h or da13, both ways) must agree within 1 % (the columns' spread
+    of 6 decades makes a wrong tile, half or row differ by far more), every dequantised element lie within 8 % of its
+    tile's amax (one E4M3 step at the top of the range is 7 %) and at least ``exact_fraction`` of the codes be equal.
+    ``exact_fraction=None`` checks the scales only: Triton 3.6's interpreter casts float32 -> FP8 wrongly for values
+    that are not exact (128.4 becomes 64), so there the codes are checked by ``_check_dual_kernel`` on exact data."""
+    from models.parallel import fp8_quant as Q
+
+    g = torch.Generator().manual_seed(0)
+    m, f = 384, 256
+    spread = torch.logspace(-3, 3, 2 * f)[torch.randperm(2 * f, generator=g)]
+    a13 = (torch.randn(m, 2 * f, generator=g) * spread).to(torch.bfloat16).to(device)
+    dh = (torch.randn(m, f, generator=g) * spread[:f]).to(torch.bfloat16).to(device)
+    a13[:BLOCK, :BLOCK] = 0  # an all-zero tile of a1: h and da3 zero there
+    cases = (
+        (Q._launch_dual(a13, E4M3, prologue=1), fp8_quantize_dual(swiglu(a13).cpu(), E4M3)),
+        (Q._launch_dual(a13, E4M3, prologue=2, dh=dh), fp8_quantize_dual(swiglu_backward(a13, dh).cpu(), E4M3)),
+    )
+    for which, (out, ref) in enumerate(cases):
+        out = [t.cpu() for t in out]
+        for q, s, q_ref, s_ref in ((out[0], out[1], ref[0], ref[1]), (out[2], out[3], ref[2], ref[3])):
+            assert q.shape == q_ref.shape and s.shape == s_ref.shape, which
+            torch.testing.assert_close(s, s_ref, rtol=0.01, atol=0)
+            if exact_fraction is None:
+                continue
+            deq, deq_ref = dequantize(q, s), dequantize(q_ref, s_ref)
+            amax = s_ref.repeat_interleave(BLOCK, 1) * torch.finfo(E4M3).max
+            assert ((deq - deq_ref).abs() <= 0.08 * amax).all(), which
+            assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean() >= exact_fraction, which
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="needs triton (CPU interpreter)")
+@pytest.mark.skipif(not _INTERPRETER_NUMPY, reason="Triton 3.6's interpreter needs numpy < 2.4")
+def test_swiglu_quantise_kernels_match_reference_in_the_interpreter():
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from tests.models.test_fp8 import _check_swiglu_kernels as c; "
+        "c('cpu', None)"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_swiglu_quantise_kernels_match_reference_on_gpu():
+    _check_swiglu_kernels("cuda", 0.99)
 
 
 def _compile_for_hopper(kernel: str, scaling: int, tile: tuple):
